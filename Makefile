@@ -1,0 +1,52 @@
+# lmpipe: `make train` runs the pipeline, `make test` runs the tests. Both set up .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup train test test-fast lint params ui bench lock clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=python3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed  ## create .venv and install the locked dependencies (nothing else)
+
+train: setup  ## run the whole DVC pipeline on the default experiment (dvc repro)
+	LMPIPE_PIPELINE_ID=$${LMPIPE_PIPELINE_ID:-make-$$(date +%Y%m%d-%H%M%S)} $(BIN)/dvc repro
+
+test: setup  ## run the whole test suite, end-to-end DVC runs included
+	$(BIN)/pytest -q
+
+test-fast: setup  ## unit tests only (skips tests marked slow)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup  ## ruff
+	$(BIN)/ruff check src pipelines tests bench
+
+params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make params OVERRIDES="experiment=smoke"
+	$(BIN)/lmpipe params $(OVERRIDES)
+
+ui: setup  ## open the MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+
+bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/
+	$(BIN)/python bench/train_throughput.py --out bench/results/train_throughput.json
+
+lock: setup  ## re-pin requirements.lock from the current .venv
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
+
+clean:  ## remove pipeline outputs, checkpoints and the MLflow store (keeps .venv and the DVC cache)
+	rm -rf data models checkpoints plots bench/results mlruns.db mlartifacts lightning_logs outputs

@@ -1,0 +1,52 @@
+"""Stage `pretrain`: train the decoder-only GPT on the token shards (Lightning; resumes after interruption).
+
+Outs: <paths.models>/pretrain/ (model.pt, tokenizer.json, samples.txt), <paths.metrics>/pretrain.json,
+<paths.plots>/pretrain/{train,val}_loss.csv; persistent checkpoints in <paths.checkpoints>/pretrain/.
+"""
+
+import shutil
+from pathlib import Path
+
+from lmpipe import atomic, tracking
+from lmpipe.stage import run_stage
+
+SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrain")
+
+
+def main(cfg):
+    from lmpipe.model import save_checkpoint
+    from lmpipe.text_samples import format_samples
+    from lmpipe.training.pretrain import pretrain
+
+    with tracking.stage_run("pretrain", cfg, SECTIONS) as run:
+        result = pretrain(cfg, run)
+        if result is None:  # a DDP worker process: the main process writes the outputs
+            return
+        model_dir = Path(cfg.paths.models) / "pretrain"
+        with atomic.atomic_path(model_dir) as tmp:
+            tmp.mkdir()
+            save_checkpoint(tmp / "model.pt", result.model, {"stage": "pretrain", "metrics": result.metrics})
+            shutil.copy(Path(cfg.paths.tokens) / "tokenizer.json", tmp / "tokenizer.json")
+            (tmp / "samples.txt").write_text(format_samples(result.samples), encoding="utf-8")
+        with atomic.atomic_path(Path(cfg.paths.plots) / "pretrain") as tmp:
+            tmp.mkdir()
+            for name, curve in (("train_loss", result.train_curve), ("val_loss", result.val_curve)):
+                rows = "".join(f"{step},{loss:.6f}\n" for step, loss in curve)
+                (tmp / f"{name}.csv").write_text("step,loss\n" + rows, encoding="utf-8")
+        atomic.write_json(Path(cfg.paths.metrics) / "pretrain.json", result.metrics)
+
+        import mlflow
+
+        tracking.log_metrics(result.metrics, prefix="final")
+        mlflow.set_tag("fit_verdict", result.metrics["fit"]["verdict"])
+        mlflow.log_text(format_samples(result.samples), "samples.txt")
+        mlflow.log_artifacts(str(model_dir), "model")
+        fit = result.metrics["fit"]
+        print(
+            f"pretrain: {result.metrics['steps']} steps, val loss {fit.get('final_val_loss', float('nan')):.4f}"
+            f" ({fit['verdict']}) -> {model_dir}"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("pretrain", SECTIONS, main))

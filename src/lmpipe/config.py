@@ -1,0 +1,197 @@
+"""Configuration: compose `conf/` with Hydra, or read the composed `params.yaml` that DVC tracks.
+
+Two ways in, one result:
+- `dvc repro` runs a stage with no arguments: the stage reads `params.yaml`, which DVC tracks (and which
+  `dvc exp run -S ...` rewrites by composing `conf/` with the overrides, because `.dvc/config` enables Hydra).
+- A person runs `python pipelines/pretrain.py experiment=smoke trainer.max_steps=20`: the stage composes `conf/`
+  with those overrides itself, exactly as DVC would, and never touches `params.yaml`.
+
+Each config section names its schema with `_target_` (a dataclass whose fields carry one-line docstrings, or a
+class such as Lightning's Trainer). `build()` turns a section into that object with `hydra.utils.instantiate`,
+and `check()` rejects keys the schema does not know, so a typo is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import inspect
+import os
+import textwrap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmpipe.errors import LmpipeError
+
+CONF_DIR = Path("conf")
+CONFIG_NAME = "config"
+PARAMS_FILE = Path("params.yaml")
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: str | os.PathLike = CONF_DIR) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides and resolve interpolations, as `dvc exp run -S` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / f"{CONFIG_NAME}.yaml").exists():
+        raise LmpipeError(f"missing {conf_dir / CONFIG_NAME}.yaml (run from the repository root)")
+    try:
+        with initialize_config_dir(str(conf_dir), version_base=None):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = f" ({one_line(exc.__cause__)})" if exc.__cause__ else ""
+        raise LmpipeError(f"config overrides {list(overrides)}: {one_line(exc)}{cause}") from exc
+    return cfg
+
+
+def params_yaml(overrides: Sequence[str] = (), conf_dir: str | os.PathLike = CONF_DIR) -> str:
+    """The text DVC writes to params.yaml for these overrides (same composition, same YAML dump)."""
+    return OmegaConf.to_yaml(compose(overrides, conf_dir))
+
+
+def load(overrides: Sequence[str] = (), params_file: str | os.PathLike = PARAMS_FILE) -> DictConfig:
+    """The run's config: `params.yaml` when there are no overrides, else a fresh composition of `conf/`."""
+    params_file = Path(params_file)
+    if overrides or not params_file.exists():
+        return compose(overrides)
+    try:
+        cfg = OmegaConf.load(params_file)
+    except Exception as exc:  # YAML errors come in several types; all mean the same to the user
+        raise LmpipeError(f"{params_file}: not valid YAML: {one_line(exc)}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise LmpipeError(f"{params_file}: expected a mapping of config sections, got {type(cfg).__name__}")
+    return cfg
+
+
+def check(cfg: DictConfig, sections: Iterable[str], where: str = "config") -> None:
+    """Reject missing sections and keys that a section's schema does not know (one line naming the key)."""
+    for name in sections:
+        if name not in cfg:
+            raise LmpipeError(f"{where}: missing section '{name}'")
+        section = cfg[name]
+        if not isinstance(section, DictConfig) or "_target_" not in section:
+            continue
+        known = schema_fields(section._target_)
+        if known is None:  # the target takes **kwargs: nothing to check against
+            continue
+        for key in section:
+            if key not in known and not str(key).startswith("_"):
+                close = ", ".join(sorted(k for k in known if k[:2] == str(key)[:2])[:5])
+                hint = f" (did you mean: {close}?)" if close else ""
+                raise LmpipeError(f"{where}: unknown key '{name}.{key}' for {section._target_}{hint}")
+
+
+def build(section: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate a config section through its `_target_` (lists and dicts arrive as plain Python)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(section, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, LmpipeError):
+            raise cause from None
+        raise LmpipeError(f"cannot build {section.get('_target_')}: {one_line(cause or exc)}") from exc
+
+
+def to_container(section: DictConfig) -> dict:
+    """A section as a plain dict without Hydra's `_target_`/`_partial_` keys (for logging and hashing)."""
+    data = OmegaConf.to_container(section, resolve=True)
+    return {k: v for k, v in data.items() if not str(k).startswith("_")} if isinstance(data, dict) else data
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"model": {"n_layer": 4}}` -> `{"model.n_layer": 4}`; lists stay values."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """Collapse a (often multi-line) library error message into one line."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+# --- `--help`: the schema's field docstrings, beside the values in effect -------------------------------------
+
+
+def resolve_target(target: str) -> Any:
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise LmpipeError(f"config: _target_ '{target}' cannot be imported: {one_line(exc)}") from exc
+
+
+def schema_fields(target: str) -> set[str] | None:
+    """Names the target accepts: dataclass fields, or constructor parameters (None if it takes **kwargs)."""
+    obj = resolve_target(target)
+    if dataclasses.is_dataclass(obj):
+        return {f.name for f in dataclasses.fields(obj)}
+    params = inspect.signature(obj).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.name != "self"}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal on the line after each field."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cfg: DictConfig, sections: Iterable[str]) -> str:
+    """Human-readable help: every field of the given sections, its current value and its docstring."""
+    lines = []
+    for name in sections:
+        section = cfg.get(name)
+        if not isinstance(section, DictConfig):
+            lines.append(f"{name}: {section!r}")
+            continue
+        target = section.get("_target_")
+        lines.append(f"{name}:" + (f"  ({target})" if target else ""))
+        cls = resolve_target(target) if target else None
+        docs = field_docs(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
+        for key in section:
+            if str(key).startswith("_"):
+                continue
+            value = OmegaConf.to_container(section, resolve=True)[key]
+            doc = docs.get(str(key), "")
+            lines.append(f"  {name}.{key}={value!r}" + (f"  # {doc}" if doc else ""))
+        if cls is not None and dataclasses.is_dataclass(cls):
+            for field in dataclasses.fields(cls):
+                if field.name not in section:
+                    lines.append(f"  {name}.{field.name} (default)  # {docs.get(field.name, '')}")
+    return "\n".join(lines)

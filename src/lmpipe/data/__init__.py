@@ -1,0 +1,1 @@
+"""Corpus preparation: load a text source, clean it, drop duplicates, split whole documents."""

@@ -1,0 +1,20 @@
+"""One exception type for every user-facing failure, so stages can stop with a single clear line."""
+
+
+class LmpipeError(Exception):
+    """A problem with the user's input (a file, a config field, a missing upstream output).
+
+    The message is one line that names the culprit (path, field, value) and what was expected;
+    stage entry points print it without a traceback and exit non-zero.
+    """
+
+
+def require_file(path, produced_by: str | None = None):
+    """Return `path` as a Path, or raise a one-line error saying which stage should have made it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        hint = f" (run the '{produced_by}' stage first: dvc repro {produced_by})" if produced_by else ""
+        raise LmpipeError(f"missing input {p}{hint}")
+    return p

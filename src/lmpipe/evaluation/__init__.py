@@ -1,0 +1,1 @@
+"""Held-out evaluation: language-model metrics and the n-gram baseline a trained model is compared against."""

@@ -1,0 +1,87 @@
+"""The `evaluate` stage's language-model report: test perplexity and bits per byte of each model variant,
+beside an interpolated Kneser-Ney n-gram baseline scored on exactly the same tokens.
+
+Results are a dict of rows (one per variant) so later stages can add rows (fine-tuned, distilled, ONNX,
+quantised models) and `markdown_table` renders them side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmpipe.errors import LmpipeError
+from lmpipe.evaluation.lm import bits_per_byte, model_nll, perplexity
+from lmpipe.evaluation.ngram import KneserNeyLM, select_order
+from lmpipe.tokenizer import read_meta, read_shard
+
+
+@dataclass
+class EvaluateConfig:
+    ngram_orders: list[int] = field(default_factory=lambda: [3, 4, 5])
+    """n-gram orders tried for the Kneser-Ney baseline; the best on val is scored on test."""
+    batch_size: int = 16
+    """Windows per forward pass when scoring the GPT."""
+    stride: int = 0
+    """Sliding-window stride for GPT scoring (more context per token, more compute); 0 = non-overlapping."""
+    num_samples: int = 3
+    """Generated samples written to the report."""
+    sample_tokens: int = 64
+    """New tokens per generated sample."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["And God said"])
+    """Prompts for the generated samples."""
+
+    def __post_init__(self):
+        if not self.ngram_orders or min(self.ngram_orders) < 1:
+            raise LmpipeError(f"evaluate.ngram_orders={self.ngram_orders}: expected a list of orders >= 1")
+        if self.batch_size < 1 or self.stride < 0:
+            raise LmpipeError("evaluate.batch_size must be >= 1 and evaluate.stride >= 0")
+
+
+def _row(total_nats: float, n_tokens: int, n_bytes: int, **extra) -> dict:
+    return {
+        "test_ppl": perplexity(total_nats, n_tokens),
+        "test_bpb": bits_per_byte(total_nats, n_bytes),
+        "test_nll_per_token": total_nats / n_tokens,
+        "scored_tokens": n_tokens,
+        **extra,
+    }
+
+
+def ngram_baseline(tokens_dir: Path, orders: list[int]) -> dict:
+    """Fit Kneser-Ney on train for each order, keep the best on val, score test. Returns a report row."""
+    meta = read_meta(tokens_dir)
+    train, val, test = (read_shard(tokens_dir, s) for s in ("train", "val", "test"))
+    best, val_ppl = select_order(train, val, orders, vocab_size=meta["vocab_size"])
+    nats, n = KneserNeyLM().fit(train, best, meta["vocab_size"]).nll(test)
+    return _row(
+        nats,
+        n,
+        meta["splits"]["test"]["n_bytes"],
+        order=best,
+        val_ppl_by_order={str(k): v for k, v in val_ppl.items()},
+    )
+
+
+def model_row(model, tokens_dir: Path, batch_size: int, stride: int = 0) -> dict:
+    """Test perplexity and bits per byte of a causal LM (anything `model_nll` accepts)."""
+    meta = read_meta(tokens_dir)
+    block = model.config.block_size
+    nats, n = model_nll(model, read_shard(tokens_dir, "test"), block, batch_size, stride=stride or None)
+    return _row(nats, n, meta["splits"]["test"]["n_bytes"], parameters=model.num_parameters())
+
+
+def markdown_table(rows: dict[str, dict], columns: list[str]) -> str:
+    """Rows side by side; numbers rounded for reading (the JSON keeps full precision)."""
+
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, int) and abs(value) >= 10_000:
+            return f"{value:,}"
+        return "" if value is None else str(value)
+
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""MLflow tracking: one run per stage, grouped under one parent run per pipeline execution.
+
+Every stage run carries the git commit, the stage name and the params it read, so two pipeline executions
+can be picked in the MLflow UI and compared. Stages of one execution share the tag `lmpipe.pipeline_id` and
+the parent run `pipeline <id>`; the id comes from, in order: `LMPIPE_PIPELINE_ID` (set by `make train`),
+`DVC_EXP_NAME` (set by `dvc exp run`), else a fingerprint of the git commit and params.yaml, so that the
+stages of a plain `dvc repro` still land together.
+
+The default store is embedded: `sqlite:///mlruns.db` with artifacts under `mlartifacts/`. The environment
+variable `MLFLOW_TRACKING_URI` points every stage at a real server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from lmpipe import config
+
+if TYPE_CHECKING:
+    import mlflow
+
+PIPELINE_ID_ENV = "LMPIPE_PIPELINE_ID"
+TAG_PIPELINE = "lmpipe.pipeline_id"
+TAG_STAGE = "lmpipe.stage"
+TAG_KIND = "lmpipe.kind"
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlruns.db"
+    """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable takes precedence."""
+    experiment_name: str = "lmpipe"
+    """MLflow experiment that holds every run of this project."""
+    artifact_location: str = "mlartifacts"
+    """Artifact root for a new experiment: a local folder, or an object-store URI such as s3://bucket/lmpipe."""
+
+    @property
+    def resolved_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+def git_commit() -> tuple[str, bool]:
+    """(HEAD commit, whether tracked files differ from it); ("unknown", False) outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    return commit, bool(dirty)
+
+
+def pipeline_id(params_file: Path = config.PARAMS_FILE) -> str:
+    """The id that groups the stage runs of one pipeline execution (see module docstring)."""
+    for var in (PIPELINE_ID_ENV, "DVC_EXP_NAME"):
+        if os.environ.get(var):
+            return os.environ[var]
+    digest = hashlib.sha256(git_commit()[0].encode())
+    if params_file.exists():
+        digest.update(params_file.read_bytes())
+    return "repro-" + digest.hexdigest()[:12]
+
+
+def _experiment_id(cfg: TrackingConfig) -> str:
+    import mlflow
+
+    uri = cfg.resolved_uri
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = cfg.artifact_location
+    if "://" not in location:
+        # A bare folder is only meaningful for an embedded store; a server picks its own artifact root.
+        local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        location = Path(location).resolve().as_uri() if local_store else None
+    return mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+
+
+def _parent_run(experiment_id: str, pid: str, commit: str) -> str:
+    """Find or create the parent run of this pipeline execution; returns its run id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE}` = '{pid}' and tags.`{TAG_KIND}` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {pid}",
+        tags={TAG_KIND: "pipeline", TAG_PIPELINE: pid, "mlflow.source.git.commit": commit},
+    )
+    if config.PARAMS_FILE.exists():
+        client.log_artifact(run.info.run_id, str(config.PARAMS_FILE))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: DictConfig, sections: Sequence[str]) -> Iterator[mlflow.ActiveRun]:
+    """An active MLflow run for one stage, nested under its pipeline's parent run, with its params logged."""
+    import mlflow
+
+    if not is_main_process():
+        # DDP re-runs the stage script in each worker process; only the main one talks to MLflow.
+        yield None
+        return
+    tracking: TrackingConfig = config.build(cfg.logger)
+    experiment_id = _experiment_id(tracking)
+    pid = pipeline_id()
+    commit, dirty = git_commit()
+    tags = {
+        TAG_KIND: "stage",
+        TAG_STAGE: stage,
+        TAG_PIPELINE: pid,
+        "mlflow.parentRunId": _parent_run(experiment_id, pid, commit),
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.name": f"pipelines/{stage}.py",
+        "lmpipe.git_dirty": str(dirty).lower(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        params = config.flatten({name: _loggable(cfg[name]) for name in sections})
+        mlflow.log_params({k: _short(v) for k, v in params.items()})
+        yield run
+
+
+def _loggable(section: Any) -> Any:
+    return config.to_container(section) if isinstance(section, DictConfig) else section
+
+
+def _short(value: Any, limit: int = 6000) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_main_process() -> bool:
+    """False in the extra processes a multi-process (DDP) launch starts; they must not log or write outputs."""
+    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def lightning_logger(run: mlflow.ActiveRun | None, cfg: DictConfig):
+    """A Lightning MLFlowLogger writing into the stage's open run (Lightning only logs from rank zero)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    tracking: TrackingConfig = config.build(cfg.logger)
+    return MLFlowLogger(
+        experiment_name=tracking.experiment_name,
+        tracking_uri=tracking.resolved_uri,
+        run_id=run.info.run_id if run is not None else None,
+        log_model=False,
+    )
+
+
+def log_metrics(metrics: dict, prefix: str = "") -> None:
+    """Log the numeric leaves of a (nested) metrics dict to the active run, keys joined with dots."""
+    import mlflow
+
+    flat = config.flatten(metrics, prefix)
+    numeric = {
+        k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    if mlflow.active_run() is not None and numeric:
+        mlflow.log_metrics(numeric)

@@ -1,0 +1,1 @@
+"""Lightning modules and data modules for each training stage (pretrain, sft, distill)."""
