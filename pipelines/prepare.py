@@ -23,7 +23,8 @@ def main(cfg):
         corpus = prepare_corpus(config.build(cfg.data), seed=cfg.seed)
         report = validate_corpus(corpus, config.build(cfg.validate))
         atomic.write_json(report_path, report)
-        tracking.log_metrics({"validation_success": report["success"]})
+        # As 0/1: log_metrics skips booleans, and a failed validation is the value most worth recording.
+        tracking.log_metrics({"validation_success": int(report["success"])})
         raise_for_failures(report, report_path=str(report_path))
 
         stats = corpus_stats(corpus)

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LmpipeError as exc:
-        print(f"lmpipe {args.command}: error: {exc}", file=sys.stderr)
+        from lmpipe.config import one_line
+
+        print(f"lmpipe {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

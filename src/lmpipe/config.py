@@ -78,7 +78,14 @@ def check(cfg: DictConfig, sections: Iterable[str], where: str = "config") -> No
         if name not in cfg:
             raise LmpipeError(f"{where}: missing section '{name}'")
         section = cfg[name]
-        if not isinstance(section, DictConfig) or "_target_" not in section:
+        if not isinstance(section, DictConfig):
+            continue
+        if "_target_" not in section:
+            # A plain mapping such as `paths`: its keys are the ones conf/ defines.
+            reference = _reference().get(name)
+            unknown = sorted(set(section) - set(reference)) if isinstance(reference, DictConfig) else []
+            if unknown:
+                raise LmpipeError(f"{where}: unknown key '{name}.{unknown[0]}' (known: {', '.join(reference)})")
             continue
         known = schema_fields(section._target_)
         if known is None:  # the target takes **kwargs: nothing to check against
@@ -88,6 +95,12 @@ def check(cfg: DictConfig, sections: Iterable[str], where: str = "config") -> No
                 close = ", ".join(sorted(k for k in known if k[:2] == str(key)[:2])[:5])
                 hint = f" (did you mean: {close}?)" if close else ""
                 raise LmpipeError(f"{where}: unknown key '{name}.{key}' for {section._target_}{hint}")
+
+
+@functools.cache
+def _reference() -> DictConfig:
+    """The default composition of conf/ (for checking sections that have no schema class)."""
+    return compose([]) if (CONF_DIR / f"{CONFIG_NAME}.yaml").exists() else OmegaConf.create({})
 
 
 def build(section: DictConfig, **kwargs: Any) -> Any:

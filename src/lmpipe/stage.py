@@ -37,7 +37,8 @@ def run_stage(
         config.check(cfg, sections, where="overrides" if argv else str(config.PARAMS_FILE))
         fn(cfg)
     except LmpipeError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        # Collapse any library text that slipped into the message: the error must stay one line.
+        print(f"{name}: error: {config.one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

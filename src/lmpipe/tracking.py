@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import numbers
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -176,7 +177,10 @@ def log_metrics(metrics: dict, prefix: str = "") -> None:
 
     flat = config.flatten(metrics, prefix)
     numeric = {
-        k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        # numbers.Real also admits numpy scalars (np.int64, np.float32 are not int/float subclasses).
+        k: float(v)
+        for k, v in flat.items()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool)
     }
     if mlflow.active_run() is not None and numeric:
         mlflow.log_metrics(numeric)

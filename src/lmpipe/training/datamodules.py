@@ -64,7 +64,10 @@ class RandomWindows(IterableDataset):
             yield self.batch(index, rank)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.next_batch % self.batches_per_epoch
+        # The whole epoch even when resuming mid-way: Lightning restores its count of the epoch's batches from
+        # the checkpoint and ends the epoch when that count reaches len() (a shorter len() would end it early
+        # or, below val_check_interval, fail the resume outright).
+        return self.batches_per_epoch
 
 
 class ContiguousWindows(Dataset):
@@ -115,11 +118,19 @@ class TokenDataModule(L.LightningDataModule):
             self.batches_per_epoch(),
             start_batch=self._start_batch,
         )
-        return DataLoader(dataset, batch_size=None)
+        return DataLoader(dataset, batch_size=None, generator=self._own_generator())
 
     def val_dataloader(self) -> DataLoader:
         dataset = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=self._own_generator())
+
+    def _own_generator(self) -> torch.Generator:
+        # Every iterator a DataLoader starts draws a base seed from its generator, by default the global torch
+        # RNG that dropout uses. A resumed run starts iterators at other moments than an uninterrupted one
+        # (Lightning skips the validation it finds already done), so those draws would shift the dropout
+        # masks that the checkpointed RNG state is meant to reproduce; a loader-owned generator keeps the
+        # global RNG for the model alone.
+        return torch.Generator().manual_seed(self.seed)
 
     # Saved inside every Lightning checkpoint: how far through the window stream training got.
     def state_dict(self) -> dict:

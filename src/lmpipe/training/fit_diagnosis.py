@@ -4,7 +4,9 @@
   training loss kept falling: the model memorises the training windows; stop earlier, add dropout or decay.
 - underfitting: validation loss was still falling by more than `tolerance` over the last quarter of the run:
   more steps (or a bigger model) would still pay off.
-- converged: neither; the curves have flattened together.
+- diverging: validation loss climbed back above its best while the training loss did not fall either: the
+  optimisation itself is unstable; lower the learning rate or lengthen the warm-up.
+- converged: none of these; the curves have flattened together.
 The gap (final val loss minus final train loss) is reported too: a large positive gap is the memorisation signal.
 """
 
@@ -21,7 +23,7 @@ def _tail_mean(curve: Curve, fraction: float = 0.1) -> float:
 
 
 def diagnose_fit(train: Curve, val: Curve, tolerance: float = 0.01) -> dict:
-    """A verdict (`overfitting`, `underfitting`, `converged` or `unknown`) with the numbers behind it."""
+    """A verdict (`overfitting`, `diverging`, `underfitting`, `converged` or `unknown`) with the numbers behind it."""
     if len(val) < 2 or not train:
         return {"verdict": "unknown", "reason": "fewer than two validations"}
     values = [v for _, v in val]
@@ -33,11 +35,11 @@ def diagnose_fit(train: Curve, val: Curve, tolerance: float = 0.01) -> dict:
     recent_drop = (quarter[0] - quarter[-1]) / quarter[0]
     train_at_best = [(s, v) for s, v in train if s <= best_step]
     train_fell = bool(train_at_best) and final_train < _tail_mean(train_at_best) * (1 - tolerance)
+    rose = f"val loss rose from {best:.4f} (step {best_step}) to {final_val:.4f}"
     if final_val > best * (1 + tolerance) and train_fell:
-        verdict, reason = (
-            "overfitting",
-            f"val loss rose from {best:.4f} (step {best_step}) to {final_val:.4f}",
-        )
+        verdict, reason = "overfitting", rose
+    elif final_val > best * (1 + tolerance):
+        verdict, reason = "diverging", rose + " and train loss did not fall"
     elif recent_drop > tolerance:
         verdict, reason = "underfitting", f"val loss still fell {recent_drop:.1%} over the last quarter"
     else:

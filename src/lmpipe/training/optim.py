@@ -39,8 +39,9 @@ class OptimizerConfig:
             raise LmpipeError(f"optimizer.name={self.name!r}: expected one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise LmpipeError(f"optimizer.lr={self.lr}: expected a positive learning rate")
-        if self.weight_decay < 0 or self.l1 < 0:
-            raise LmpipeError("optimizer.weight_decay and optimizer.l1 must be >= 0")
+        for name in ("weight_decay", "l1"):
+            if not getattr(self, name) >= 0:
+                raise LmpipeError(f"optimizer.{name}={getattr(self, name)}: expected a value >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise LmpipeError(f"optimizer.betas={self.betas}: expected two values in [0, 1)")
         if self.name == "momentum" and not 0 < self.momentum < 1:

@@ -90,7 +90,8 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.model.param_groups(self.optim_cfg.weight_decay)
-        self._decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+        # L1 acts on the weights that decay (param_groups lists them first) even when weight_decay is 0.
+        self._decayed = groups[0]["params"]
         optimizer = build_optimizer(groups, self.optim_cfg)
         hp = self.hparams
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -112,6 +113,16 @@ def quiet_lightning() -> None:
 
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.")
+    # The window stream resumes through TokenDataModule's checkpointed state, which this check does not see.
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended"
+    )
+    # The folder always holds fingerprint.json (and last.ckpt when resuming) before training starts.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
+
+
+# pretrain fields that only shape what is reported after training, never the weights.
+_REPORTING_ONLY = ("num_samples", "sample_tokens", "sample_prompts")
 
 
 def fingerprint(cfg: DictConfig, meta: dict) -> str:
@@ -125,9 +136,7 @@ def fingerprint(cfg: DictConfig, meta: dict) -> str:
         "seed": cfg.seed,
         "model": config.to_container(cfg.model),
         "optimizer": config.to_container(cfg.optimizer),
-        "pretrain": {
-            k: v for k, v in config.to_container(cfg.pretrain).items() if not k.startswith("sample")
-        },
+        "pretrain": {k: v for k, v in config.to_container(cfg.pretrain).items() if k not in _REPORTING_ONLY},
         "trainer": trainer,
         "tokens": meta.get("tokenizer_sha256"),
         "counts": meta.get("splits"),
@@ -216,8 +225,20 @@ def pretrain(cfg: DictConfig, run=None) -> PretrainResult | None:
     trainer_cfg = OmegaConf.merge(
         cfg.trainer, {"enable_progress_bar": cfg.trainer.enable_progress_bar and show_bar}
     )
+    # The budget is in steps, not epochs: count an integer val_check_interval in training batches across
+    # epochs. Lightning's default counts within each epoch and refuses an interval longer than one epoch,
+    # which a small corpus (or the same corpus split over more DDP processes) runs into.
+    step_validation = {}
+    if "check_val_every_n_epoch" not in cfg.trainer and isinstance(
+        cfg.trainer.get("val_check_interval"), int
+    ):
+        step_validation["check_val_every_n_epoch"] = None
     trainer: L.Trainer = config.build(
-        trainer_cfg, callbacks=callbacks, logger=lightning_logger(run, cfg), default_root_dir=str(ckpt_dir)
+        trainer_cfg,
+        callbacks=callbacks,
+        logger=lightning_logger(run, cfg),
+        default_root_dir=str(ckpt_dir),
+        **step_validation,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

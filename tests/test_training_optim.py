@@ -1,0 +1,182 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from lmpipe import config
+from lmpipe.errors import LmpipeError
+from lmpipe.model import GPT, GPTConfig
+from lmpipe.training.optim import (
+    OPTIMIZERS,
+    OptimizerConfig,
+    build_optimizer,
+    l1_penalty,
+    warmup_cosine,
+)
+from lmpipe.training.pretrain import LitGPT
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = {"vocab_size": 32, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+TORCH_CLASS = {
+    "sgd": torch.optim.SGD,
+    "momentum": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY))
+
+
+def fixed_batch(seed: int = 0, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.randint(
+        0, TINY["vocab_size"], (batch, TINY["block_size"] + 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return data[:, :-1], data[:, 1:]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_builds_from_its_config_file_and_lowers_the_loss(name, conf_dir):
+    section = OmegaConf.load(conf_dir / "optimizer" / f"{name}.yaml")
+    cfg = config.build(section)
+    assert isinstance(cfg, OptimizerConfig) and cfg.name == name and cfg.lr == section.lr
+
+    model = tiny_model()
+    optimizer = build_optimizer(model.param_groups(cfg.weight_decay), cfg)
+    assert type(optimizer) is TORCH_CLASS[name]
+    group = optimizer.param_groups[0]
+    assert group["lr"] == cfg.lr
+    if name == "momentum":
+        assert group["momentum"] == cfg.momentum == 0.9 and group["nesterov"]
+    if name == "sgd":
+        assert group["momentum"] == 0
+    if name in ("adam", "adamw"):
+        assert group["betas"] == tuple(cfg.betas) and group["eps"] == cfg.eps
+
+    x, y = fixed_batch()
+    losses = []
+    for _ in range(15):
+        loss = model(x, y).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # Fitting one fixed batch: every optimizer, at its configured lr, must make clear progress.
+    assert losses[-1] < losses[0] - 0.1, (name, losses)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_decay_shrinks_only_the_decay_group(name):
+    lr, decay = 0.01, 0.5
+    cfg = OptimizerConfig(name=name, lr=lr, weight_decay=decay, momentum=0.9)
+    model = tiny_model()
+    groups = model.param_groups(cfg.weight_decay)
+    decayed, exempt = groups[0]["params"], groups[1]["params"]
+    assert decayed and exempt
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no loss gradient: only the decay can move a weight
+    build_optimizer(groups, cfg).step()
+
+    for p, old in zip(model.parameters(), before, strict=True):
+        if any(p is q for q in exempt):
+            assert torch.equal(p, old)  # biases, LayerNorm, position table: untouched
+        else:
+            assert p.abs().sum() < old.abs().sum()
+    if name in ("adamw", "sgd"):
+        # Decoupled (adamw) and plain L2 with SGD agree on the first step from a zero gradient: w * (1 - lr*wd).
+        for p in decayed:
+            old = before[[id(q) for q in model.parameters()].index(id(p))]
+            torch.testing.assert_close(p.detach(), old * (1 - lr * decay), rtol=1e-6, atol=0)
+
+
+def test_l1_penalty_is_the_sum_of_absolute_values():
+    params = [torch.tensor([[1.0, -2.0], [3.0, -4.0]]), torch.tensor([0.5, -0.5, 0.0])]
+    assert l1_penalty(params).item() == 11.0
+    model = tiny_model()
+    decayed = model.param_groups(0.1)[0]["params"]
+    expected = sum(float(p.detach().abs().double().sum()) for p in decayed)
+    assert l1_penalty(decayed).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _fit_lit(l1: float) -> GPT:
+    torch.manual_seed(0)
+    optimizer = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "l1": l1}
+    module = LitGPT(TINY, optimizer, warmup_steps=0, min_lr_ratio=1.0, total_steps=30)
+    x, y = fixed_batch(batch=32)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=30,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 30
+    if l1:
+        assert trainer.callback_metrics["l1_penalty"].item() > 0
+    return module.model
+
+
+def test_training_with_a_large_l1_penalty_drives_the_weights_smaller():
+    def size(model: GPT) -> float:
+        return l1_penalty(model.param_groups(0.1)[0]["params"]).item()
+
+    start = size(tiny_model(0))
+    plain, sparse = size(_fit_lit(0.0)), size(_fit_lit(1e-3))
+    assert sparse < 0.8 * plain
+    assert sparse < start
+
+
+def test_warmup_cosine_at_its_key_points():
+    warmup, total, floor = 10, 110, 0.1
+    f = [warmup_cosine(s, warmup, total, floor) for s in range(total + 20)]
+    assert f[0] == pytest.approx(0.1)  # first warm-up step: 1/warmup
+    assert f[4] == pytest.approx(0.5)
+    assert f[warmup - 1] == pytest.approx(1.0) and f[warmup] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(floor + (1 - floor) * 0.5)  # half-way through the cosine
+    assert f[total] == pytest.approx(floor)
+    assert f[total + 19] == pytest.approx(floor)  # held at the floor past the budget
+    decay = f[warmup : total + 1]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert warmup_cosine(0, 0, 100, 0.0) == pytest.approx(1.0)  # no warm-up: start at the peak
+    assert warmup_cosine(100, 0, 100, 0.0) == pytest.approx(0.0)
+    assert warmup_cosine(25, 0, 100, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"name": "rmsprop"}, "optimizer.name='rmsprop'"),
+        ({"lr": 0.0}, "optimizer.lr=0.0"),
+        ({"lr": -1e-3}, "optimizer.lr=-0.001"),
+        ({"lr": float("nan")}, "optimizer.lr=nan"),
+        ({"weight_decay": -0.1}, "optimizer.weight_decay=-0.1"),
+        ({"l1": -1.0}, "optimizer.l1=-1.0"),
+        ({"betas": [0.9]}, "optimizer.betas=[0.9]"),
+        ({"betas": [0.9, 1.0]}, "optimizer.betas=[0.9, 1.0]"),
+        ({"name": "momentum", "momentum": 0.0}, "optimizer.momentum=0.0"),
+        ({"name": "momentum", "momentum": 1.0}, "optimizer.momentum=1.0"),
+    ],
+)
+def test_invalid_optimizer_config_raises_one_line_naming_the_field(kwargs, names):
+    with pytest.raises(LmpipeError) as err:
+        OptimizerConfig(**kwargs)
+    message = str(err.value)
+    assert message.startswith(names) and "expected" in message and "\n" not in message
+
+
+def test_build_passes_the_config_error_through():
+    section = OmegaConf.create(
+        {"_target_": "lmpipe.training.optim.OptimizerConfig", "name": "adamw", "lr": -1}
+    )
+    with pytest.raises(LmpipeError, match=r"optimizer\.lr=-1"):
+        config.build(section)

@@ -1,0 +1,211 @@
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lmpipe.tokenizer import read_meta
+from lmpipe.training import pretrain as pretrain_module
+from lmpipe.training.pretrain import fingerprint, pretrain, resume_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# smoke experiment: gpt-tiny (block 64), batch 8; the tiny train shard is 13 such batches per epoch.
+BATCH, BLOCK, EPOCH = 8, 64, 13
+
+
+class Killed(Exception):
+    """Stands in for the process dying (Lightning turns a KeyboardInterrupt into sys.exit)."""
+
+
+class KillAt(L.Callback):
+    """Dies when `step` optimizer steps are done, before the next one starts."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed(f"killed at step {self.step}")
+
+
+class StepLog(L.Callback):
+    """The global step at the start of every training batch this process ran."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+@pytest.fixture
+def extra_callbacks(monkeypatch):
+    """`extra_callbacks(*callbacks)`: pretrain() runs these beside its own (in place of the progress lines)."""
+
+    def use(*callbacks: L.Callback) -> None:
+        monkeypatch.setattr(pretrain_module, "progress_callbacks", lambda every: (list(callbacks), False))
+
+    return use
+
+
+def test_a_short_run_reports_steps_tokens_curves_and_samples(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.max_steps=50", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5")
+    result = pretrain(cfg, run=None)
+
+    m = result.metrics
+    assert m["steps"] == 50 and m["world_size"] == 1 and m["resumed"] is False
+    assert m["tokens_seen"] == 50 * BATCH * BLOCK
+    assert m["parameters"] == result.model.num_parameters()
+    assert m["tokens_per_sec"] > 0 and 0 < m["train_seconds"]
+    assert [step for step, _ in result.train_curve] == list(range(5, 51, 5))
+    # Validation every 10 steps straight across the epoch boundaries (at 13, 26, 39).
+    assert [step for step, _ in result.val_curve] == [10, 20, 30, 40, 50]
+    train = [loss for _, loss in result.train_curve]
+    assert train[-1] < train[0] - 0.5, train
+    assert result.val_curve[-1][1] < result.val_curve[0][1] - 0.3, result.val_curve
+    assert m["fit"]["final_val_loss"] == result.val_curve[-1][1]
+    assert m["fit"]["verdict"] in {"overfitting", "underfitting", "converged"}
+
+    assert len(result.samples) == cfg.pretrain.num_samples == 1
+    assert result.samples[0]["prompt"] == "def" and isinstance(result.samples[0]["completion"], str)
+    assert not result.model.training
+
+    ckpt_dir = tmp_path / "checkpoints" / "pretrain"
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 50
+    assert json.loads((ckpt_dir / "fingerprint.json").read_text())["fingerprint"] == fingerprint(
+        cfg, read_meta(cfg.paths.tokens)
+    )
+    # The training curve went to this test's own MLflow store.
+    client = MlflowClient(cfg.logger.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    logged = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(logged) == 10 and logged[-1].value == pytest.approx(train[-1])
+
+
+RESUMABLE = (
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=5",
+    "trainer.log_every_n_steps=5",
+    "pretrain.checkpoint_every_n_steps=5",
+    "model.dropout=0.1",  # so that resuming must restore the RNG too
+)
+
+
+def test_resume_after_interruption_continues_exactly(tiny_config, tmp_path, extra_callbacks):
+    full = pretrain(tiny_config(*RESUMABLE, root=tmp_path / "full"))
+
+    # Killed 3 steps after the checkpoint of step 10, in the first epoch; the resumed run crosses into the next.
+    extra_callbacks(KillAt(13))
+    with pytest.raises(Killed):
+        pretrain(tiny_config(*RESUMABLE, root=tmp_path / "killed"))
+    ckpt_dir = tmp_path / "killed" / "checkpoints" / "pretrain"
+    saved_step = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"]
+    assert saved_step == 10 < EPOCH
+
+    steps = StepLog()
+    extra_callbacks(steps)
+    resumed = pretrain(tiny_config(*RESUMABLE, root=tmp_path / "killed"))
+    assert resumed.metrics["resumed"] is True
+    assert steps.steps == list(range(saved_step, 20))
+    assert resumed.metrics["steps"] == 20
+    assert resumed.metrics["tokens_seen"] == full.metrics["tokens_seen"]
+    full_weights, resumed_weights = full.model.state_dict(), resumed.model.state_dict()
+    assert full_weights.keys() == resumed_weights.keys()
+    for name, weight in full_weights.items():
+        assert torch.equal(resumed_weights[name], weight), name
+    assert resumed.train_curve == full.train_curve
+    # The validation of step 10 ran after that step's checkpoint was written and Lightning does not repeat it
+    # on resume, so that one point is missing from the resumed history; every other point is identical.
+    assert resumed.val_curve == [point for point in full.val_curve if point[0] != saved_step]
+    assert resumed.samples == full.samples
+    # Lightning's own epoch count agrees too (it ends an epoch after len(train loader) batches of it).
+    full_ckpt, resumed_ckpt = (
+        torch.load(root / "checkpoints" / "pretrain" / "last.ckpt", weights_only=False)
+        for root in (tmp_path / "full", tmp_path / "killed")
+    )
+    assert resumed_ckpt["epoch"] == full_ckpt["epoch"]
+    assert resumed_ckpt["global_step"] == full_ckpt["global_step"] == 20
+
+    # Another seed is another experiment: the stale checkpoints are cleared and training starts from step 0.
+    steps = StepLog()
+    extra_callbacks(steps)
+    reseeded = pretrain(tiny_config(*RESUMABLE, "seed=7", root=tmp_path / "killed"))
+    assert reseeded.metrics["resumed"] is False
+    assert steps.steps == list(range(20))
+    assert not torch.equal(reseeded.model.wte.weight, full.model.wte.weight)
+
+
+def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, tiny_tokens, tmp_path):
+    meta = read_meta(tiny_tokens)
+    base = fingerprint(tiny_config(), meta)
+    assert len(base) == 16 and fingerprint(tiny_config(), meta) == base
+    for override in (
+        "seed=7",
+        "model.n_layer=3",
+        "model.dropout=0.2",
+        "optimizer=sgd",
+        "optimizer.lr=0.01",
+        "trainer.max_steps=31",
+        "trainer.accumulate_grad_batches=2",
+        "pretrain.batch_size=4",
+        "pretrain.warmup_steps=2",
+    ):
+        assert fingerprint(tiny_config(override), meta) != base, override
+    for override in (
+        "trainer.log_every_n_steps=3",
+        "trainer.enable_model_summary=true",
+        "pretrain.sample_tokens=5",
+        "pretrain.sample_prompts=[abc]",
+        "logger.experiment_name=other",
+    ):
+        assert fingerprint(tiny_config(override), meta) == base, override
+    assert fingerprint(tiny_config(root=tmp_path / "elsewhere"), meta) == base  # paths do not count
+    assert fingerprint(tiny_config(), {**meta, "tokenizer_sha256": "0" * 64}) != base
+
+
+def test_the_number_of_samples_does_not_restart_training(tiny_config, tiny_tokens):
+    meta = read_meta(tiny_tokens)
+    assert fingerprint(tiny_config("pretrain.num_samples=2"), meta) == fingerprint(tiny_config(), meta)
+
+
+def test_resume_checkpoint_only_matches_its_own_fingerprint(tmp_path):
+    ckpt_dir = tmp_path / "pretrain"
+    assert resume_checkpoint(ckpt_dir, "aaa") is None
+    assert json.loads((ckpt_dir / "fingerprint.json").read_text()) == {"fingerprint": "aaa"}
+    (ckpt_dir / "last.ckpt").write_bytes(b"ckpt")
+    (ckpt_dir / "step5.ckpt").write_bytes(b"ckpt")
+    assert resume_checkpoint(ckpt_dir, "aaa") == str(ckpt_dir / "last.ckpt")
+    # DDP worker processes only look; the main process clears a stale folder.
+    assert resume_checkpoint(ckpt_dir, "bbb", may_reset=False) is None
+    assert (ckpt_dir / "last.ckpt").exists()
+    assert resume_checkpoint(ckpt_dir, "bbb") is None
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["fingerprint.json"]
+    assert json.loads((ckpt_dir / "fingerprint.json").read_text()) == {"fingerprint": "bbb"}
+
+
+@pytest.mark.slow
+def test_ddp_stage_run_on_two_processes(tiny_overrides, tmp_path, conf_dir):
+    # Lightning's DDP launcher re-runs this very command line in a second process (LOCAL_RANK=1).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
+    env.update(LMPIPE_PIPELINE_ID="pytest-ddp", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "pipelines/pretrain.py",
+        *tiny_overrides(),
+        "trainer=ddp",
+        "trainer.max_steps=10",
+    ]
+    proc = subprocess.run(command, cwd=conf_dir.parent, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 10
+    assert metrics["tokens_seen"] == 10 * BATCH * BLOCK * 2
+    assert (tmp_path / "models" / "pretrain" / "model.pt").is_file()
+    assert (tmp_path / "plots" / "pretrain" / "train_loss.csv").read_text().startswith("step,loss\n")
+    assert "Initializing distributed: GLOBAL_RANK: 1" in proc.stdout + proc.stderr
