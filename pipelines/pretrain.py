@@ -1,10 +1,9 @@
 """Stage `pretrain`: train the decoder-only GPT on the token shards (Lightning; resumes after interruption).
 
-Outs: <paths.models>/pretrain/ (model.pt, tokenizer.json, samples.txt), <paths.metrics>/pretrain.json,
+Outs: <paths.models>/pretrain/ (model.pt, tokenizer.json, tokenizer_config.json, samples.txt), <paths.metrics>/pretrain.json,
 <paths.plots>/pretrain/{train,val}_loss.csv; persistent checkpoints in <paths.checkpoints>/pretrain/.
 """
 
-import shutil
 from pathlib import Path
 
 from lmpipe import atomic, tracking
@@ -15,6 +14,7 @@ SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrai
 
 def main(cfg):
     from lmpipe.model import save_checkpoint
+    from lmpipe.tokenizer import copy_tokenizer
     from lmpipe.text_samples import format_samples
     from lmpipe.training.pretrain import pretrain
 
@@ -26,7 +26,7 @@ def main(cfg):
         with atomic.atomic_path(model_dir) as tmp:
             tmp.mkdir()
             save_checkpoint(tmp / "model.pt", result.model, {"stage": "pretrain", "metrics": result.metrics})
-            shutil.copy(Path(cfg.paths.tokens) / "tokenizer.json", tmp / "tokenizer.json")
+            copy_tokenizer(cfg.paths.tokens, tmp)
             (tmp / "samples.txt").write_text(format_samples(result.samples), encoding="utf-8")
         with atomic.atomic_path(Path(cfg.paths.plots) / "pretrain") as tmp:
             tmp.mkdir()

@@ -1,8 +1,9 @@
 """Stage `tokenize`: train the tokenizer on the train split, then encode every split to a flat token file.
 (The file is not called tokenize.py: that would shadow the standard library's `tokenize` for every script here.)
 
-Outs: <paths.tokens>/{train,val,test}.bin (numpy memmaps), meta.json (counts, dtype, tokenizer hash), and
-tokenizer.json (the trained tokenizer, special tokens reserved for end-of-text and chat turns).
+Outs: <paths.tokens>/{train,val,test}.bin (numpy memmaps), meta.json (counts, dtype, tokenizer hash),
+tokenizer.json (the trained tokenizer, special tokens reserved for end-of-text and chat turns) and
+tokenizer_config.json (the chat template, which travels with the tokenizer into every model directory).
 """
 
 from pathlib import Path
@@ -14,6 +15,9 @@ SECTIONS = ("seed", "paths", "tokenizer", "logger")
 
 
 def main(cfg):
+    import json
+
+    from lmpipe.chat import TOKENIZER_CONFIG_FILE, tokenizer_config
     from lmpipe.data.corpus import documents_by_split, read_corpus
     from lmpipe.tokenizer import train_tokenizer, write_shards
 
@@ -21,7 +25,8 @@ def main(cfg):
         corpus = read_corpus(Path(cfg.paths.prepared) / "corpus.parquet")
         docs = documents_by_split(corpus)
         tokenizer = train_tokenizer(docs["train"], config.build(cfg.tokenizer))
-        meta = write_shards(Path(cfg.paths.tokens), docs, tokenizer)
+        chat = {TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config(), indent=2) + "\n"}
+        meta = write_shards(Path(cfg.paths.tokens), docs, tokenizer, extra_files=chat)
         tracking.log_metrics(meta)
         print(f"tokenize: vocab {meta['vocab_size']} -> {cfg.paths.tokens}")
 

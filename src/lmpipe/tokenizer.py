@@ -51,6 +51,8 @@ UNK = "<|unk|>"
 KINDS = ("bpe", "char")
 TOKENIZER_FILE = "tokenizer.json"
 """Name of the tokenizer inside a shard directory (and inside every model directory)."""
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""Beside the tokenizer: the chat template and special-token roles (see lmpipe.chat)."""
 _BYTE_ALPHABET_SIZE = 256
 # Documents per encode_batch call: large enough for the Rust side to parallelise, small enough to keep
 # memory flat and the progress bar moving.
@@ -173,6 +175,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise LmpipeError(f"tokenizer {path} is not a valid tokenizer JSON: {err}") from err
 
 
+def copy_tokenizer(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+    """Copy the tokenizer and its chat-template config, so a model directory is self-contained."""
+    import shutil
+
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        src = Path(src_dir) / name
+        if not src.is_file():
+            raise LmpipeError(f"missing {src}: run the tokenize stage first (dvc repro tokenize)")
+        shutil.copy(src, Path(dst_dir) / name)
+
+
 def tokenizer_hash(path_or_tok: str | os.PathLike | Tokenizer) -> str:
     """sha256 of the tokenizer's canonical JSON (sorted keys, no whitespace): same tokenizer, same hash.
 
@@ -255,6 +268,7 @@ def write_shards(
     splits: dict[str, Iterable[str]],
     tok: Tokenizer,
     show_progress: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Encode each split to ``<split>.bin``, save the tokenizer as ``tokenizer.json`` beside them and describe
     it all in ``meta.json``; return the meta dict.
@@ -280,6 +294,8 @@ def write_shards(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER_FILE))
+        for name, text in (extra_files or {}).items():  # e.g. the chat template, which travels with the tokenizer
+            (tmp / name).write_text(text, encoding="utf-8")
         for split, docs in splits.items():
             counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
             # Stream chunk by chunk so a large split never sits in memory as one array.

@@ -9,23 +9,28 @@ never leak into a different experiment.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lmpipe import atomic, config
+from lmpipe import config
 from lmpipe.errors import LmpipeError
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.text_samples import generate_samples
 from lmpipe.tokenizer import EOT, load_tokenizer, read_meta
 from lmpipe.training.callbacks import LossHistory, TokenThroughput, progress_callbacks
+from lmpipe.training.checkpointing import (
+    RngStateInCheckpoints,
+    build_trainer,
+    digest,
+    quiet_lightning,
+    resume_checkpoint,
+    trainer_shaping,
+)
 from lmpipe.training.datamodules import TokenDataModule
 from lmpipe.training.fit_diagnosis import diagnose_fit
 from lmpipe.training.optim import OptimizerConfig, build_optimizer, l1_penalty, warmup_cosine
@@ -62,7 +67,7 @@ class PretrainConfig:
             raise LmpipeError("pretrain.sample_prompts is empty but pretrain.num_samples > 0")
 
 
-class LitGPT(L.LightningModule):
+class LitGPT(RngStateInCheckpoints, L.LightningModule):
     """The GPT plus its optimizer and schedule; the RNG state rides in checkpoints so resume is exact."""
 
     def __init__(
@@ -99,27 +104,6 @@ class LitGPT(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint):
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-
-
-def quiet_lightning() -> None:
-    """Silence warnings that say nothing actionable about this setup (they would bury the progress lines)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.")
-    # The window stream resumes through TokenDataModule's checkpointed state, which this check does not see.
-    warnings.filterwarnings(
-        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended"
-    )
-    # The folder always holds fingerprint.json (and last.ckpt when resuming) before training starts.
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
-
 
 # pretrain fields that only shape what is reported after training, never the weights.
 _REPORTING_ONLY = ("num_samples", "sample_tokens", "sample_prompts")
@@ -127,38 +111,16 @@ _REPORTING_ONLY = ("num_samples", "sample_tokens", "sample_prompts")
 
 def fingerprint(cfg: DictConfig, meta: dict) -> str:
     """Hash of everything that changes what training computes (not where it logs or how often it prints)."""
-    trainer = {
-        k: v
-        for k, v in config.to_container(cfg.trainer).items()
-        if k not in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
-    }
     shaping = {
         "seed": cfg.seed,
         "model": config.to_container(cfg.model),
         "optimizer": config.to_container(cfg.optimizer),
         "pretrain": {k: v for k, v in config.to_container(cfg.pretrain).items() if k not in _REPORTING_ONLY},
-        "trainer": trainer,
+        "trainer": trainer_shaping(cfg.trainer),
         "tokens": meta.get("tokenizer_sha256"),
         "counts": meta.get("splits"),
     }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def resume_checkpoint(ckpt_dir: Path, fp: str, may_reset: bool = True) -> str | None:
-    """The checkpoint to resume from if its fingerprint matches; otherwise (main process only) clear the folder.
-
-    DDP worker processes start after the main process has prepared the folder, so they only look.
-    """
-    stamp = ckpt_dir / "fingerprint.json"
-    last = ckpt_dir / "last.ckpt"
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp and last.exists():
-        return str(last)
-    if may_reset:
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        ckpt_dir.mkdir(parents=True)
-        atomic.write_json(stamp, {"fingerprint": fp})
-    return None
+    return digest(shaping)
 
 
 @dataclass
@@ -175,7 +137,7 @@ def pretrain(cfg: DictConfig, run=None) -> PretrainResult | None:
 
     Returns None in DDP worker processes, which must not write outputs.
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from lmpipe.tracking import is_main_process, lightning_logger
 
@@ -207,38 +169,16 @@ def pretrain(cfg: DictConfig, run=None) -> PretrainResult | None:
     history = LossHistory(every)
     throughput = TokenThroughput(pcfg.batch_size * model_cfg.block_size, every)
     progress, show_bar = progress_callbacks(every)
-    callbacks = [
-        history,
-        throughput,
-        *progress,
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step{step}",
-            every_n_train_steps=pcfg.checkpoint_every_n_steps,
-            save_top_k=1,
-            save_last=True,
-            auto_insert_metric_name=False,
-        ),
-    ]
+    callbacks = [history, throughput, *progress]
     if pcfg.early_stopping_patience > 0:
         callbacks.append(EarlyStopping("val_loss", patience=pcfg.early_stopping_patience, mode="min"))
-    trainer_cfg = OmegaConf.merge(
-        cfg.trainer, {"enable_progress_bar": cfg.trainer.enable_progress_bar and show_bar}
-    )
-    # The budget is in steps, not epochs: count an integer val_check_interval in training batches across
-    # epochs. Lightning's default counts within each epoch and refuses an interval longer than one epoch,
-    # which a small corpus (or the same corpus split over more DDP processes) runs into.
-    step_validation = {}
-    if "check_val_every_n_epoch" not in cfg.trainer and isinstance(
-        cfg.trainer.get("val_check_interval"), int
-    ):
-        step_validation["check_val_every_n_epoch"] = None
-    trainer: L.Trainer = config.build(
-        trainer_cfg,
+    trainer = build_trainer(
+        cfg.trainer,
         callbacks=callbacks,
+        show_bar=show_bar,
+        ckpt_dir=ckpt_dir,
+        checkpoint_every_n_steps=pcfg.checkpoint_every_n_steps,
         logger=lightning_logger(run, cfg),
-        default_root_dir=str(ckpt_dir),
-        **step_validation,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

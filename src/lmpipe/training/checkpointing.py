@@ -1,0 +1,118 @@
+"""Resumable training runs, shared by pretraining and fine-tuning.
+
+A run keeps its checkpoints in one folder next to `fingerprint.json`, a hash of everything that shapes what
+training computes. A re-run with the same fingerprint resumes from `last.ckpt`; any change clears the folder
+and starts afresh, so a stale checkpoint never leaks into a different experiment. Exact resumption also needs
+the global torch RNG (dropout) in the checkpoint (`RngStateInCheckpoints`) and a data stream that restarts
+where it stopped (the data modules' own `state_dict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmpipe import atomic, config
+
+# Trainer fields that change how a run prints, never what it computes.
+_DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def quiet_lightning() -> None:
+    """Silence warnings that say nothing actionable about this setup (they would bury the progress lines)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.")
+    # The batch streams resume through their data module's checkpointed state, which this check does not see.
+    warnings.filterwarnings(
+        "ignore", message=".*resuming from a checkpoint that ended before the epoch ended"
+    )
+    # The folder always holds fingerprint.json (and last.ckpt when resuming) before training starts.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
+
+
+def trainer_shaping(trainer: DictConfig) -> dict:
+    """The Trainer section without the fields that only affect display (for fingerprints)."""
+    return {k: v for k, v in config.to_container(trainer).items() if k not in _DISPLAY_ONLY}
+
+
+def digest(shaping: dict) -> str:
+    """A short, stable hash of plain data (the fingerprint of a run)."""
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_checkpoint(ckpt_dir: Path, fp: str, may_reset: bool = True) -> str | None:
+    """The checkpoint to resume from if its fingerprint matches; otherwise (main process only) clear the folder.
+
+    DDP worker processes start after the main process has prepared the folder, so they only look.
+    """
+    stamp = ckpt_dir / "fingerprint.json"
+    last = ckpt_dir / "last.ckpt"
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp and last.exists():
+        return str(last)
+    if may_reset:
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        atomic.write_json(stamp, {"fingerprint": fp})
+    return None
+
+
+class RngStateInCheckpoints:
+    """LightningModule mixin: the global torch RNG (dropout masks) rides in checkpoints, so resume is exact."""
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+def build_trainer(
+    trainer_cfg: DictConfig,
+    *,
+    callbacks: list[L.Callback],
+    show_bar: bool,
+    ckpt_dir: Path,
+    checkpoint_every_n_steps: int,
+    logger,
+    **overrides,
+) -> L.Trainer:
+    """The Trainer of `trainer_cfg` (with `overrides`), writing resumable checkpoints into `ckpt_dir`.
+
+    Adds the periodic checkpoint (`last.ckpt` plus the latest `step<N>.ckpt`) to `callbacks`; Lightning's
+    progress bar stays on only where `show_bar` says it may (a terminal).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step{step}",
+        every_n_train_steps=checkpoint_every_n_steps,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    merged = OmegaConf.merge(trainer_cfg, overrides)
+    merged.enable_progress_bar = bool(merged.enable_progress_bar and show_bar)
+    # The budget is in steps, not epochs: count an integer val_check_interval in training batches across
+    # epochs. Lightning's default counts within each epoch and refuses an interval longer than one epoch,
+    # which a small data set (or the same data split over more DDP processes) runs into.
+    step_validation = {}
+    if "check_val_every_n_epoch" not in merged and isinstance(merged.get("val_check_interval"), int):
+        step_validation["check_val_every_n_epoch"] = None
+    return config.build(
+        merged,
+        callbacks=[*callbacks, checkpoint],
+        logger=logger,
+        default_root_dir=str(ckpt_dir),
+        **step_validation,
+    )

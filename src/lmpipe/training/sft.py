@@ -1,0 +1,769 @@
+"""Supervised fine-tuning (SFT) of the pretrained GPT on instruction examples, three ways (`sft.method`).
+
+- full: every weight trains; the loss is the cross-entropy on the response tokens only (the prompt's labels
+  are -100, so the model learns to answer, not to reproduce questions).
+- lora: the pretrained weights stay frozen, bit for bit; low-rank adapters on the attention and MLP
+  projections train and are merged into plain Linear layers at the end (`lmpipe.training.lora`).
+- head: transfer learning. The whole GPT stays frozen (and in eval mode: no dropout on fixed features); new
+  linear classification heads, one per label task, read the final hidden state at the last prompt token
+  (`<|assistant|>`, where the answer would begin) and train with cross-entropy over the task's label set.
+
+Batches are drawn at random, batch `b` on rank `r` a pure function of (seed, b, r) as in pretraining, so a
+resumed run sees exactly the batches an uninterrupted one would. They are right-padded with the PAD id and
+label -100 on the padding. Under causal attention a real token only attends to earlier positions, which are
+all real, so right padding cannot change any real token's logits and needs no attention mask; its labels are
+-100, so it cannot change the loss either.
+
+Checkpoints go to `<paths.checkpoints>/sft/` with the fingerprint and resume machinery of pretraining
+(`lmpipe.training.checkpointing`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lmpipe import config
+from lmpipe.chat import load_chat_template, prompt_text
+from lmpipe.errors import LmpipeError
+from lmpipe.model import GPT, load_model
+from lmpipe.text_samples import generate_samples
+from lmpipe.tokenizer import END, PAD, TOKENIZER_FILE, load_tokenizer
+from lmpipe.training.callbacks import LossHistory, progress_callbacks
+from lmpipe.training.checkpointing import (
+    RngStateInCheckpoints,
+    build_trainer,
+    digest,
+    quiet_lightning,
+    resume_checkpoint,
+    trainer_shaping,
+)
+from lmpipe.training.fit_diagnosis import diagnose_fit
+from lmpipe.training.lora import apply_lora, merge_lora
+from lmpipe.training.optim import OptimizerConfig, build_optimizer, l1_penalty, warmup_cosine
+
+METHODS = ("full", "lora", "head")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+"""The GPT's attention (c_attn, attn.c_proj) and MLP (c_fc, mlp.c_proj) Linear layers."""
+SECTIONS = ("seed", "paths", "optimizer", "trainer", "logger", "sft")
+DEFAULT_INSTRUCTIONS = "data/instructions"
+"""Where the instruction examples are when the config has no `paths.instructions`."""
+IGNORE_INDEX = -100
+"""Label of a position the loss skips (PyTorch's cross-entropy default, as in the instruction data)."""
+
+
+@dataclass
+class SFTConfig:
+    method: str = "full"
+    """Fine-tuning method: full (all weights), lora (low-rank adapters) or head (frozen GPT + classifiers)."""
+    max_steps: int = 300
+    """Optimizer steps of fine-tuning (replaces trainer.max_steps)."""
+    batch_size: int = 16
+    """Examples per micro-batch on each device."""
+    max_length: int = 0
+    """Longest model input in tokens (0 = the model's block_size); longer examples are skipped and counted."""
+    lr: float = 3e-4
+    """Peak learning rate (replaces optimizer.lr; the optimizer's kind comes from the optimizer group)."""
+    weight_decay: float = 0.0
+    """L2 strength on >=2-D trainable weights (replaces optimizer.weight_decay)."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear learning-rate warm-up before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of sft.lr at sft.max_steps."""
+    lora_rank: int = 8
+    """LoRA: rank r of the adapter matrices B (out x r) and A (r x in)."""
+    lora_alpha: float = 16
+    """LoRA: the adapter update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapters' input during training."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """LoRA: names of the Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
+    head_tasks: list[str] = field(default_factory=lambda: ["testament", "book"])
+    """head: label tasks that get a classification head (their examples are the training data)."""
+    checkpoint_every_n_steps: int = 100
+    """Write a resumable checkpoint every N optimizer steps (and at the end)."""
+    val_check_interval: int = 50
+    """Compute the validation loss every N optimizer steps (replaces trainer.val_check_interval)."""
+    limit_val_batches: int = 10
+    """Validation batches per check (replaces trainer.limit_val_batches)."""
+    num_samples: int = 3
+    """Validation prompts answered at the end (generated text; predicted labels for method=head)."""
+    sample_tokens: int = 32
+    """New tokens per generated sample."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LmpipeError(f"sft.method={self.method!r}: expected one of {', '.join(METHODS)}")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "lora_rank",
+            "checkpoint_every_n_steps",
+            "val_check_interval",
+            "limit_val_batches",
+            "sample_tokens",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LmpipeError(f"sft.{name}={value!r}: expected an integer >= 1")
+        for name in ("max_length", "warmup_steps", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LmpipeError(f"sft.{name}={value!r}: expected an integer >= 0")
+        if not self.lr > 0:
+            raise LmpipeError(f"sft.lr={self.lr}: expected a positive learning rate")
+        if not self.weight_decay >= 0:
+            raise LmpipeError(f"sft.weight_decay={self.weight_decay}: expected a value >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LmpipeError(f"sft.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
+        if not self.lora_alpha > 0:
+            raise LmpipeError(f"sft.lora_alpha={self.lora_alpha}: expected a positive scale")
+        if not 0 <= self.lora_dropout < 1:
+            raise LmpipeError(f"sft.lora_dropout={self.lora_dropout}: expected a probability in [0, 1)")
+        # The tied embedding/LM-head matrix is not offered: a merged lm_head would silently untie from wte.
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if not self.lora_targets or unknown:
+            raise LmpipeError(
+                f"sft.lora_targets={self.lora_targets}: expected a non-empty subset of {', '.join(LORA_TARGETS)}"
+            )
+        if self.method == "head" and (
+            not self.head_tasks or len(set(self.head_tasks)) != len(self.head_tasks)
+        ):
+            raise LmpipeError(
+                f"sft.head_tasks={self.head_tasks}: expected at least one label task, each once, for method=head"
+            )
+
+
+# --- Data --------------------------------------------------------------------------------------------------
+
+Row = dict
+"""One encoded example: int arrays ("input_ids", and "labels" for language modelling) and, for the head
+method, ints "last" (index of the last prompt token), "task" (head index) and "label" (class index)."""
+
+
+def encode_lm_examples(
+    frame: pd.DataFrame, tokenizer, template: str, max_length: int
+) -> tuple[list[Row], int]:
+    """Rows for next-token training, (input_ids, labels) = (ids[:-1], labels[1:]) of each example, labels -100
+    on the prompt; returns (rows, examples skipped because their input exceeds max_length)."""
+    from lmpipe.data.instructions import encode_example
+
+    rows, skipped = [], 0
+    for example_id, prompt, response in zip(frame["id"], frame["prompt"], frame["response"], strict=True):
+        # The length check is ours: the last id is only a target, so max_length + 1 ids fit the context.
+        ids, labels = encode_example(tokenizer, template, prompt, response, sys.maxsize, example_id)
+        if len(ids) - 1 > max_length:
+            skipped += 1
+            continue
+        rows.append(
+            {
+                "input_ids": np.asarray(ids[:-1], dtype=np.int64),
+                "labels": np.asarray(labels[1:], dtype=np.int64),
+            }
+        )
+    return rows, skipped
+
+
+def encode_head_examples(
+    frame: pd.DataFrame, tokenizer, template: str, max_length: int, label_sets: dict[str, list[str]]
+) -> tuple[list[Row], int]:
+    """Rows for the classification heads from the examples of the tasks in `label_sets` (in its order, which
+    numbers the heads); returns (rows, examples skipped because their prompt exceeds max_length)."""
+    from lmpipe.data.instructions import encode_prompt
+
+    task_index = {task: i for i, task in enumerate(label_sets)}
+    label_index = {task: {label: i for i, label in enumerate(labels)} for task, labels in label_sets.items()}
+    rows, skipped = [], 0
+    for example_id, task, prompt, label in zip(
+        frame["id"], frame["task"], frame["prompt"], frame["label"], strict=True
+    ):
+        if task not in task_index:
+            continue
+        if label not in label_index[task]:
+            raise LmpipeError(
+                f"instruction example {example_id!r}: label {label!r} is not in the {task} label set "
+                f"({len(label_sets[task])} labels); re-run the instructions stage"
+            )
+        ids = encode_prompt(tokenizer, template, prompt)
+        if len(ids) > max_length:
+            skipped += 1
+            continue
+        rows.append(
+            {
+                "input_ids": np.asarray(ids, dtype=np.int64),
+                "last": len(ids) - 1,
+                "task": task_index[task],
+                "label": label_index[task][label],
+            }
+        )
+    return rows, skipped
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch: sequences right-padded (input ids with `pad_id`, labels with -100), scalars stacked."""
+    length = max(len(row["input_ids"]) for row in rows)
+    batch = {}
+    for key in rows[0]:
+        if key in ("input_ids", "labels"):
+            fill = pad_id if key == "input_ids" else IGNORE_INDEX
+            padded = torch.full((len(rows), length), fill, dtype=torch.long)
+            for i, row in enumerate(rows):
+                padded[i, : len(row[key])] = torch.from_numpy(row[key])
+            batch[key] = padded
+        else:
+            batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.long)
+    return batch
+
+
+class RandomExampleBatches(IterableDataset):
+    """Yields whole padded batches of random examples; one pass = one epoch of `batches_per_epoch`."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        batches_per_epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+    ):
+        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.batches_per_epoch, self.next_batch, self.rank = batches_per_epoch, start_batch, rank
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index, self.rank])
+        picks = rng.integers(0, len(self.rows), size=self.batch_size)
+        return collate([self.rows[i] for i in picks], self.pad_id)
+
+    def __iter__(self):
+        # Run to the end of the current epoch, starting wherever the last pass (or the checkpoint) left off.
+        epoch_end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
+        while self.next_batch < epoch_end:
+            index = self.next_batch
+            self.next_batch += 1
+            yield self.batch(index)
+
+    def __len__(self) -> int:
+        # The whole epoch even when resuming mid-way, as RandomWindows explains: Lightning restores its own
+        # count of the epoch's batches and ends the epoch at len().
+        return self.batches_per_epoch
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Random training batches of encoded examples, fixed validation batches in order; resumable."""
+
+    def __init__(self, train: list[Row], val: list[Row], batch_size: int, seed: int, pad_id: int):
+        super().__init__()
+        if not train or not val:
+            raise LmpipeError(
+                f"fine-tuning needs training and validation examples: got {len(train)} train, {len(val)} val"
+            )
+        self.train_rows, self.val_rows = train, val
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self._start_batch = 0
+
+    def batches_per_epoch(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return max(1, math.ceil(len(self.train_rows) / (self.batch_size * world)))
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = RandomExampleBatches(
+            self.train_rows,
+            self.batch_size,
+            self.seed,
+            self.pad_id,
+            self.batches_per_epoch(),
+            start_batch=self._start_batch,
+            rank=self.trainer.global_rank if self.trainer is not None else 0,
+        )
+        return DataLoader(dataset, batch_size=None, generator=self._own_generator())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_rows,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            generator=self._own_generator(),
+        )
+
+    def _own_generator(self) -> torch.Generator:
+        # Keeps the global torch RNG for dropout alone (see TokenDataModule._own_generator).
+        return torch.Generator().manual_seed(self.seed)
+
+    # Saved inside every Lightning checkpoint: how far through the batch stream training got.
+    def state_dict(self) -> dict:
+        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+        return {"consumed_batches": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._start_batch = int(state.get("consumed_batches", 0))
+
+
+# --- Classification heads ----------------------------------------------------------------------------------
+
+
+def last_prompt_hidden(model: GPT, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, n_embd) final hidden states at index `last` of each row (the `<|assistant|>` token of a prompt)."""
+    hidden = model(input_ids).hidden
+    return hidden[torch.arange(len(last), device=hidden.device), last]
+
+
+class ClassificationHeads(nn.ModuleDict):
+    """One nn.Linear(n_embd, n_labels) per task, numbered in the order of `sizes`, over standardised features.
+
+    The frozen GPT's states at `<|assistant|>` share a large common component (the token's own embedding) and
+    differ from prompt to prompt only in a small remainder; a linear head trained on them raw spends its steps
+    on that offset and learns slowly (the usual ill-conditioning of linear probes). So features are first
+    standardised per channel with the mean and std of the training examples (`set_feature_stats`: fixed,
+    since the GPT is frozen; saved with the heads).
+    """
+
+    def __init__(self, n_embd: int, sizes: dict[str, int], seed: int = 0):
+        super().__init__({task: nn.Linear(n_embd, n) for task, n in sizes.items()})
+        self.register_buffer("feature_mean", torch.zeros(n_embd))
+        self.register_buffer("feature_std", torch.ones(n_embd))
+        generator = torch.Generator().manual_seed(seed)
+        for head in self.values():  # as the GPT initialises its own Linear layers, but seeded explicitly
+            nn.init.normal_(head.weight, mean=0.0, std=0.02, generator=generator)
+            nn.init.zeros_(head.bias)
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise with the per-channel mean and std of `features` (N, n_embd) from now on."""
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0).clamp_min(1e-5))
+
+    def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """(N, n_labels) logits of `task`'s head for (N, n_embd) features."""
+        return self[task]((features - self.feature_mean) / self.feature_std)
+
+    def loss(
+        self, features: torch.Tensor, task: torch.Tensor, label: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy, accuracy) over a batch mixing tasks: row i is scored by head task[i] over that
+        task's labels only."""
+        total = features.new_zeros((), dtype=torch.float32)
+        correct = features.new_zeros((), dtype=torch.float32)
+        for i, name in enumerate(self.keys()):
+            rows = task == i
+            logits = self.logits(name, features[rows]).float()
+            total = total + F.cross_entropy(logits, label[rows], reduction="sum")
+            correct = correct + (logits.argmax(dim=-1) == label[rows]).sum()
+        return total / len(label), correct / len(label)
+
+
+@torch.no_grad()
+def prompt_features(model: GPT, rows: list[Row], pad_id: int, limit: int = 4096, batch_size: int = 64):
+    """(N, n_embd) hidden states at the last prompt token of up to `limit` rows, evenly spread over `rows`."""
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(limit, len(rows))).round().astype(int))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(picks), batch_size):
+        batch = collate([rows[i] for i in picks[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(last_prompt_hidden(model, batch["input_ids"], batch["last"]).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class HeadClassifier:
+    """Label probabilities for prompts: the frozen GPT's hidden state at `<|assistant|>`, then a task's head."""
+
+    def __init__(
+        self,
+        model: GPT,
+        heads: ClassificationHeads,
+        tokenizer,
+        template: str,
+        label_sets: dict[str, list[str]],
+        batch_size: int = 64,
+    ):
+        for task, head in heads.items():
+            if len(label_sets.get(task, ())) != head.out_features:
+                raise LmpipeError(
+                    f"classification head {task!r} has {head.out_features} outputs but the label set has "
+                    f"{len(label_sets.get(task, ()))} labels"
+                )
+        self.model, self.heads, self.tokenizer, self.template = model, heads, tokenizer, template
+        self.label_sets, self.batch_size = label_sets, batch_size
+        self.pad_id = tokenizer.token_to_id(PAD)
+
+    @torch.no_grad()
+    def predict_proba(self, task: str, prompts: list[str]) -> np.ndarray:
+        """(N, n_labels) softmax probabilities, columns in the order of `label_sets[task]`.
+
+        A prompt longer than the context keeps its last block_size tokens (the end, where the answer starts).
+        """
+        from lmpipe.data.instructions import encode_prompt
+
+        if task not in self.heads:
+            raise LmpipeError(f"task {task!r}: no classification head (heads: {', '.join(self.heads)})")
+        self.model.eval()
+        self.heads.eval()
+        n_labels = self.heads[task].out_features
+        device = next(self.model.parameters()).device
+        block = self.model.config.block_size
+        out = [np.zeros((0, n_labels), dtype=np.float32)]
+        for start in range(0, len(prompts), self.batch_size):
+            rows = []
+            for prompt in prompts[start : start + self.batch_size]:
+                ids = encode_prompt(self.tokenizer, self.template, prompt)[-block:]
+                rows.append({"input_ids": np.asarray(ids, dtype=np.int64), "last": len(ids) - 1})
+            batch = {k: v.to(device) for k, v in collate(rows, self.pad_id).items()}
+            features = last_prompt_hidden(self.model, batch["input_ids"], batch["last"])
+            out.append(F.softmax(self.heads.logits(task, features).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+    def predict(self, task: str, prompts: list[str]) -> list[str]:
+        """The most probable label of each prompt."""
+        labels = self.label_sets[task]
+        return [labels[i] for i in self.predict_proba(task, prompts).argmax(axis=1)]
+
+
+# --- Lightning module --------------------------------------------------------------------------------------
+
+
+class LitSFT(RngStateInCheckpoints, L.LightningModule):
+    """The pretrained GPT prepared for one SFT method, with its optimizer and schedule over what trains."""
+
+    def __init__(
+        self, model: GPT, optimizer: dict, sft: dict, seed: int, head_sizes: dict[str, int] | None = None
+    ):
+        super().__init__()
+        self.cfg = SFTConfig(**sft)
+        self.optim_cfg = OptimizerConfig(**optimizer)
+        self.model = model
+        self.heads: ClassificationHeads | None = None
+        if self.cfg.method == "full":
+            model.requires_grad_(True)
+        elif self.cfg.method == "lora":
+            c = self.cfg
+            apply_lora(model, c.lora_targets, c.lora_rank, c.lora_alpha, c.lora_dropout, seed=seed)
+        else:
+            if not head_sizes:
+                raise LmpipeError("sft.method=head needs the label set sizes of sft.head_tasks")
+            model.requires_grad_(False)
+            self.heads = ClassificationHeads(model.config.n_embd, head_sizes, seed=seed)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.heads is not None:
+            self.model.eval()  # the frozen features stay deterministic: no dropout
+        return self
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model, its adapters and heads (a tied matrix once)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective of the method on one batch."""
+        if self.heads is None:
+            return self.model(batch["input_ids"], batch["labels"]).loss
+        return self.heads.loss(self._features(batch), batch["task"], batch["label"])[0]
+
+    def _features(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            return last_prompt_hidden(self.model, batch["input_ids"], batch["last"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self.batch_loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        if self.optim_cfg.l1 > 0:
+            penalty = self.optim_cfg.l1 * l1_penalty(self._decayed)
+            self.log("l1_penalty", penalty)
+            loss = loss + penalty
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        n = len(batch["input_ids"])
+        if self.heads is None:
+            self.log("val_loss", self.batch_loss(batch), prog_bar=True, sync_dist=True, batch_size=n)
+            return
+        loss, accuracy = self.heads.loss(self._features(batch), batch["task"], batch["label"])
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val_accuracy", accuracy, sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self):
+        wd = self.optim_cfg.weight_decay
+        if self.heads is None:  # full, or lora: param_groups lists only what requires grad (the adapters)
+            groups = self.model.param_groups(wd)
+        else:
+            named = dict(self.heads.named_parameters())
+            decay = {n: p for n, p in named.items() if p.dim() >= 2}
+            rest = {n: p for n, p in named.items() if p.dim() < 2}
+            groups = [
+                {"params": list(decay.values()), "param_names": list(decay), "weight_decay": wd},
+                {"params": list(rest.values()), "param_names": list(rest), "weight_decay": 0.0},
+            ]
+        # L1 acts on the weights that decay (listed first) even when weight_decay is 0, as in pretraining.
+        self._decayed = groups[0]["params"]
+        optimizer = build_optimizer(groups, self.optim_cfg)
+        c = self.cfg
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# --- The run -----------------------------------------------------------------------------------------------
+
+# sft fields that only shape what is reported after training, never the weights.
+_REPORTING_ONLY = ("num_samples", "sample_tokens")
+
+
+def fingerprint(
+    seed: int,
+    optimizer: OptimizerConfig,
+    sft: SFTConfig,
+    trainer: DictConfig,
+    pretrained_sha256: str,
+    data_sha256: str,
+) -> str:
+    """Hash of everything that changes what fine-tuning computes: the effective optimizer and trainer settings
+    (after sft's replacements), the sft section, the pretrained weights and the encoded examples."""
+    shaping = {
+        "seed": seed,
+        "optimizer": dataclasses.asdict(optimizer),
+        "sft": {k: v for k, v in dataclasses.asdict(sft).items() if k not in _REPORTING_ONLY},
+        "trainer": trainer_shaping(trainer),
+        "pretrained": pretrained_sha256,
+        "data": data_sha256,
+    }
+    return digest(shaping)
+
+
+def rows_sha256(rows: dict[str, list[Row]]) -> str:
+    """sha256 of encoded examples (which also pins the tokenizer, the template and the label numbering)."""
+    h = hashlib.sha256()
+    for split in sorted(rows):
+        h.update(f"\x00{split}:{len(rows[split])}".encode())
+        for row in rows[split]:
+            for key in sorted(row):
+                value = np.asarray(row[key], dtype=np.int64)
+                h.update(f"{key}{value.size};".encode())
+                h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclass
+class SFTResult:
+    model: GPT
+    """The fine-tuned GPT (LoRA merged into plain Linear layers); for method=head the unchanged pretrained GPT."""
+    heads: dict | None
+    """method=head: the ClassificationHeads state dict (task -> Linear weight/bias); otherwise None."""
+    method: str
+    """The sft.method that produced this result."""
+    metrics: dict
+    """Steps, losses, example counts, trainable vs total parameters, fit diagnosis (and head accuracy)."""
+    curves: dict[str, list[tuple[int, float]]]
+    """(step, loss) points of train_loss and val_loss."""
+    samples: list[dict]
+    """{"prompt", "completion", "reference"} for a few validation examples."""
+
+
+def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
+    """Fine-tune the pretrained model (resuming if possible); on the main process return the result.
+
+    Reads `<paths.models>/pretrain/` (model.pt, tokenizer and chat template) and `<paths.instructions>/`
+    (the instructions stage's train/val examples and label sets). Returns None in DDP worker processes.
+    """
+    from lmpipe.data.instructions import read_examples, read_label_sets
+    from lmpipe.tracking import is_main_process, lightning_logger
+
+    scfg: SFTConfig = config.build(cfg.sft)
+    optim_cfg: OptimizerConfig = config.build(cfg.optimizer, lr=scfg.lr, weight_decay=scfg.weight_decay)
+    pretrained_dir = Path(cfg.paths.models) / "pretrain"
+    model_path = pretrained_dir / "model.pt"
+    model, _ = load_model(model_path)
+    tokenizer = load_tokenizer(pretrained_dir / TOKENIZER_FILE)
+    template = load_chat_template(pretrained_dir)
+    block_size = model.config.block_size
+    if scfg.max_length > block_size:
+        raise LmpipeError(
+            f"sft.max_length={scfg.max_length}: exceeds the pretrained model's block_size {block_size}"
+        )
+    max_length = scfg.max_length or block_size
+    pad_id = tokenizer.token_to_id(PAD)
+    if pad_id is None:
+        raise LmpipeError(f"{pretrained_dir / TOKENIZER_FILE}: no {PAD} token; expected an lmpipe tokenizer")
+
+    data_dir = Path(cfg.paths.get("instructions", DEFAULT_INSTRUCTIONS))
+    frames = {split: read_examples(data_dir, split) for split in ("train", "val")}
+    head_sets = None
+    if scfg.method == "head":
+        label_sets = read_label_sets(data_dir)
+        missing = [task for task in scfg.head_tasks if task not in label_sets]
+        if missing:
+            raise LmpipeError(
+                f"sft.head_tasks: task {missing[0]!r} has no label set in {data_dir / 'labels.json'} "
+                f"(label tasks there: {', '.join(label_sets) or 'none'})"
+            )
+        head_sets = {task: list(label_sets[task]) for task in scfg.head_tasks}
+        encoded = {
+            split: encode_head_examples(frame, tokenizer, template, max_length, head_sets)
+            for split, frame in frames.items()
+        }
+    else:
+        encoded = {
+            split: encode_lm_examples(frame, tokenizer, template, max_length)
+            for split, frame in frames.items()
+        }
+    rows = {split: part[0] for split, part in encoded.items()}
+    skipped = {split: part[1] for split, part in encoded.items()}
+    for split, part in rows.items():
+        if not part:
+            raise LmpipeError(
+                f"{data_dir / (split + '.jsonl')}: no usable examples for sft.method={scfg.method} "
+                f"({skipped[split]} longer than {max_length} tokens"
+                + (f"; head tasks {', '.join(scfg.head_tasks)}" if head_sets else "")
+                + ")"
+            )
+
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = SFTDataModule(rows["train"], rows["val"], scfg.batch_size, cfg.seed, pad_id)
+    trainer_cfg = OmegaConf.merge(
+        cfg.trainer,
+        {
+            "max_steps": scfg.max_steps,
+            "val_check_interval": scfg.val_check_interval,
+            "limit_val_batches": scfg.limit_val_batches,
+        },
+    )
+    fp = fingerprint(
+        cfg.seed,
+        optim_cfg,
+        scfg,
+        trainer_cfg,
+        file_sha256(model_path),
+        rows_sha256(rows) + digest({"labels": head_sets}),
+    )
+    ckpt_dir = Path(cfg.paths.checkpoints) / "sft"
+    resume = resume_checkpoint(ckpt_dir, fp, may_reset=is_main_process())
+    if resume and is_main_process():
+        print(f"sft: resuming from {resume}", flush=True)
+    head_sizes = {task: len(labels) for task, labels in head_sets.items()} if head_sets else None
+    module = LitSFT(model, dataclasses.asdict(optim_cfg), dataclasses.asdict(scfg), cfg.seed, head_sizes)
+    if module.heads is not None:  # (a resumed run restores the same statistics from its checkpoint)
+        module.heads.set_feature_stats(prompt_features(module.model, rows["train"], pad_id))
+    trainable, total = module.parameter_counts()
+
+    every = int(cfg.trainer.log_every_n_steps)
+    history = LossHistory(every)
+    progress, show_bar = progress_callbacks(every)
+    trainer = build_trainer(
+        trainer_cfg,
+        callbacks=[history, *progress],
+        show_bar=show_bar,
+        ckpt_dir=ckpt_dir,
+        checkpoint_every_n_steps=scfg.checkpoint_every_n_steps,
+        logger=lightning_logger(run, cfg),
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    # As in pretraining: the periodic checkpoint precedes the same step's validation, so save once more.
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if not trainer.is_global_zero:
+        return None
+
+    model = module.model.float().eval()
+    if scfg.method == "lora":
+        merge_lora(model)
+    model.requires_grad_(True)  # a plain GPT again, as load_model returns it
+    metrics = {
+        "method": scfg.method,
+        "steps": trainer.global_step,
+        "train_examples": len(rows["train"]),
+        "val_examples": len(rows["val"]),
+        "skipped_too_long": skipped,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_fraction": trainable / total,
+        "train_loss": history.train[-1][1] if history.train else None,
+        "val_loss": history.val[-1][1] if history.val else None,
+        "train_seconds": time.perf_counter() - started,
+        "resumed": resume is not None,
+        "fit": diagnose_fit(history.train, history.val),
+    }
+    heads = None
+    if head_sets:
+        classifier = HeadClassifier(model, module.heads.float(), tokenizer, template, head_sets)
+        metrics["val_accuracy"] = _head_accuracy(classifier, frames["val"])
+        samples = _head_samples(classifier, frames["val"], scfg.num_samples)
+        heads = {k: v.detach().clone() for k, v in module.heads.state_dict().items()}
+    else:
+        samples = _generated_samples(model, tokenizer, template, frames["val"], scfg, cfg.seed)
+    curves = {"train_loss": history.train, "val_loss": history.val}
+    return SFTResult(model, heads, scfg.method, metrics, curves, samples)
+
+
+def _spread(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Up to n rows evenly spread over `frame` (so the samples cover its tasks, which come in blocks)."""
+    if n == 0 or frame.empty:
+        return frame.iloc[:0]
+    return frame.iloc[np.unique(np.linspace(0, len(frame) - 1, n).round().astype(int))]
+
+
+def _generated_samples(
+    model, tokenizer, template, val: pd.DataFrame, scfg: SFTConfig, seed: int
+) -> list[dict]:
+    chosen = _spread(val, scfg.num_samples)
+    texts = [prompt_text(prompt, template) for prompt in chosen["prompt"]]
+    generated = generate_samples(
+        model, tokenizer, texts, scfg.sample_tokens, seed=seed, eot_id=tokenizer.token_to_id(END)
+    )
+    return [
+        {"prompt": prompt, "completion": sample["completion"], "reference": reference}
+        for prompt, reference, sample in zip(chosen["prompt"], chosen["response"], generated, strict=True)
+    ]
+
+
+def _head_frame(classifier: HeadClassifier, val: pd.DataFrame) -> pd.DataFrame:
+    return val[val["task"].isin(list(classifier.heads.keys()))]
+
+
+def _head_accuracy(classifier: HeadClassifier, val: pd.DataFrame) -> dict[str, float]:
+    """Accuracy of each head on every validation example of its task."""
+    frame = _head_frame(classifier, val)
+    accuracy = {}
+    for task, part in frame.groupby("task", sort=False):
+        predicted = classifier.predict(task, part["prompt"].tolist())
+        accuracy[task] = float(np.mean(np.asarray(predicted) == part["label"].to_numpy()))
+    return accuracy
+
+
+def _head_samples(classifier: HeadClassifier, val: pd.DataFrame, n: int) -> list[dict]:
+    chosen = _spread(_head_frame(classifier, val), n)
+    samples = []
+    for task, prompt, label in zip(chosen["task"], chosen["prompt"], chosen["label"], strict=True):
+        proba = classifier.predict_proba(task, [prompt])[0]
+        best = int(proba.argmax())
+        completion = f"{classifier.label_sets[task][best]} (p={proba[best]:.2f})"
+        samples.append({"prompt": prompt, "completion": completion, "reference": label})
+    return samples
