@@ -14,8 +14,8 @@ SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrai
 
 def main(cfg):
     from lmpipe.model import save_checkpoint
-    from lmpipe.tokenizer import copy_tokenizer
     from lmpipe.text_samples import format_samples
+    from lmpipe.tokenizer import copy_tokenizer
     from lmpipe.training.pretrain import pretrain
 
     with tracking.stage_run("pretrain", cfg, SECTIONS) as run:

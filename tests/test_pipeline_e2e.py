@@ -79,12 +79,12 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
 
     # One MLflow run per stage, all children of one pipeline run.
     with sqlite3.connect(path / "mlruns.db") as db:
-        stages = dict(
-            db.execute("select run_uuid, value from tags where key = 'lmpipe.stage'").fetchall()
-        )
+        stages = dict(db.execute("select run_uuid, value from tags where key = 'lmpipe.stage'").fetchall())
         parents = {
             value
-            for run_id, value in db.execute("select run_uuid, value from tags where key = 'mlflow.parentRunId'")
+            for run_id, value in db.execute(
+                "select run_uuid, value from tags where key = 'mlflow.parentRunId'"
+            )
             if run_id in stages
         }
     assert sorted(stages.values()) == sorted(STAGES)
@@ -107,6 +107,8 @@ def test_exp_run_reruns_only_affected_stages(repo):
     assert ran_stages(output) == {"pretrain", "evaluate"}
     # dvc exp run applies the experiment to the workspace: the new params and metrics are there.
     assert "lr: 0.002" in (path / "params.yaml").read_text()
-    assert json.loads((path / "metrics/evaluate.json").read_text())["test"]["pretrained"]["test_ppl"] != before
+    assert (
+        json.loads((path / "metrics/evaluate.json").read_text())["test"]["pretrained"]["test_ppl"] != before
+    )
     diff = run(["dvc", "metrics", "diff", "--json"], path, env)
     assert "evaluate.json" in diff

@@ -34,7 +34,9 @@ def load_chat_template(directory: str | os.PathLike) -> str:
     """The template saved beside a tokenizer (a tokens or model directory)."""
     path = Path(directory) / TOKENIZER_CONFIG_FILE
     if not path.is_file():
-        raise LmpipeError(f"missing {path}: the chat template travels with the tokenizer (dvc repro tokenize)")
+        raise LmpipeError(
+            f"missing {path}: the chat template travels with the tokenizer (dvc repro tokenize)"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))["chat_template"]
     except (json.JSONDecodeError, KeyError) as exc:
@@ -60,5 +62,7 @@ def render(messages: list[dict], add_generation_prompt: bool = False, template: 
 
 def prompt_text(prompt: str, template: str = CHAT_TEMPLATE, system: str | None = None) -> str:
     """A single-turn prompt ready for generation: the user turn, then the opened assistant turn."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     return render(messages, add_generation_prompt=True, template=template)

@@ -85,7 +85,9 @@ def check(cfg: DictConfig, sections: Iterable[str], where: str = "config") -> No
             reference = _reference().get(name)
             unknown = sorted(set(section) - set(reference)) if isinstance(reference, DictConfig) else []
             if unknown:
-                raise LmpipeError(f"{where}: unknown key '{name}.{unknown[0]}' (known: {', '.join(reference)})")
+                raise LmpipeError(
+                    f"{where}: unknown key '{name}.{unknown[0]}' (known: {', '.join(reference)})"
+                )
             continue
         known = schema_fields(section._target_)
         if known is None:  # the target takes **kwargs: nothing to check against

@@ -294,7 +294,9 @@ def write_shards(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER_FILE))
-        for name, text in (extra_files or {}).items():  # e.g. the chat template, which travels with the tokenizer
+        for name, text in (
+            extra_files or {}
+        ).items():  # e.g. the chat template, which travels with the tokenizer
             (tmp / name).write_text(text, encoding="utf-8")
         for split, docs in splits.items():
             counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
