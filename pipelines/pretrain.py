@@ -1,7 +1,8 @@
 """Stage `pretrain`: train the decoder-only GPT on the token shards (Lightning; resumes after interruption).
 
-Outs: <paths.models>/pretrain/ (model.pt, tokenizer.json, tokenizer_config.json, samples.txt), <paths.metrics>/pretrain.json,
-<paths.plots>/pretrain/{train,val}_loss.csv; persistent checkpoints in <paths.checkpoints>/pretrain/.
+Outs: <paths.models>/pretrain/ (model.pt, tokenizer.json, tokenizer_config.json, samples.txt),
+<paths.metrics>/pretrain.json, <paths.plots>/pretrain/{train,val}_loss.csv; persistent checkpoints in
+<paths.checkpoints>/pretrain/.
 """
 
 from pathlib import Path
@@ -13,29 +14,25 @@ SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrai
 
 
 def main(cfg):
-    from lmpipe.model import save_checkpoint
+    import mlflow
+
     from lmpipe.text_samples import format_samples
-    from lmpipe.tokenizer import copy_tokenizer
+    from lmpipe.training.outputs import write_curves, write_model_dir
     from lmpipe.training.pretrain import pretrain
 
     with tracking.stage_run("pretrain", cfg, SECTIONS) as run:
         result = pretrain(cfg, run)
         if result is None:  # a DDP worker process: the main process writes the outputs
             return
-        model_dir = Path(cfg.paths.models) / "pretrain"
-        with atomic.atomic_path(model_dir) as tmp:
-            tmp.mkdir()
-            save_checkpoint(tmp / "model.pt", result.model, {"stage": "pretrain", "metrics": result.metrics})
-            copy_tokenizer(cfg.paths.tokens, tmp)
-            (tmp / "samples.txt").write_text(format_samples(result.samples), encoding="utf-8")
-        with atomic.atomic_path(Path(cfg.paths.plots) / "pretrain") as tmp:
-            tmp.mkdir()
-            for name, curve in (("train_loss", result.train_curve), ("val_loss", result.val_curve)):
-                rows = "".join(f"{step},{loss:.6f}\n" for step, loss in curve)
-                (tmp / f"{name}.csv").write_text("step,loss\n" + rows, encoding="utf-8")
+        extra = {"stage": "pretrain", "metrics": result.metrics}
+        model_dir = write_model_dir(
+            Path(cfg.paths.models) / "pretrain", result.model, extra, cfg.paths.tokens, result.samples
+        )
+        write_curves(
+            Path(cfg.paths.plots) / "pretrain",
+            {"train_loss": result.train_curve, "val_loss": result.val_curve},
+        )
         atomic.write_json(Path(cfg.paths.metrics) / "pretrain.json", result.metrics)
-
-        import mlflow
 
         tracking.log_metrics(result.metrics, prefix="final")
         mlflow.set_tag("fit_verdict", result.metrics["fit"]["verdict"])

@@ -15,9 +15,6 @@ SECTIONS = ("seed", "paths", "tokenizer", "logger")
 
 
 def main(cfg):
-    import json
-
-    from lmpipe.chat import TOKENIZER_CONFIG_FILE, tokenizer_config
     from lmpipe.data.corpus import documents_by_split, read_corpus
     from lmpipe.tokenizer import train_tokenizer, write_shards
 
@@ -25,8 +22,7 @@ def main(cfg):
         corpus = read_corpus(Path(cfg.paths.prepared) / "corpus.parquet")
         docs = documents_by_split(corpus)
         tokenizer = train_tokenizer(docs["train"], config.build(cfg.tokenizer))
-        chat = {TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config(), indent=2) + "\n"}
-        meta = write_shards(Path(cfg.paths.tokens), docs, tokenizer, extra_files=chat)
+        meta = write_shards(Path(cfg.paths.tokens), docs, tokenizer)
         tracking.log_metrics(meta)
         print(f"tokenize: vocab {meta['vocab_size']} -> {cfg.paths.tokens}")
 

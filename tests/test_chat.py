@@ -23,14 +23,13 @@ def test_render_rejects_bad_messages(message):
 
 def test_template_travels_with_the_tokenizer(tmp_path):
     tok = train_tokenizer(["in the beginning was the word"] * 3, TokenizerConfig(kind="char", vocab_size=64))
-    config_text = json.dumps(chat.tokenizer_config("<|user|>{{ messages[0]['content'] }}"))
-    write_shards(
-        tmp_path / "tokens", {"train": ["in the"]}, tok, extra_files={chat.TOKENIZER_CONFIG_FILE: config_text}
-    )
+    write_shards(tmp_path / "tokens", {"train": ["in the"]}, tok)
     (tmp_path / "model").mkdir()
     copy_tokenizer(tmp_path / "tokens", tmp_path / "model")
     template = chat.load_chat_template(tmp_path / "model")
-    assert chat.render([{"role": "user", "content": "hi"}], template=template) == "<|user|>hi"
+    assert template == chat.CHAT_TEMPLATE
+    config = json.loads((tmp_path / "model" / chat.TOKENIZER_CONFIG_FILE).read_text())
+    assert config["eos_token"] == "<|end|>" and config["pad_token"] == "<|pad|>"
 
 
 def test_missing_template_names_the_file(tmp_path):

@@ -17,6 +17,7 @@ GROUPS = ("data", "tokenizer", "model", "optimizer", "trainer", "logger", "exper
 TARGET_SECTIONS = {
     "pretrain",
     "instructions",
+    "sft",
     "evaluate",
     "data",
     "validate",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenize", "pretrain", "evaluate")
+STAGES = ("prepare", "tokenize", "instructions", "pretrain", "sft", "evaluate")
 pytestmark = pytest.mark.slow
 
 
@@ -63,8 +63,8 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     assert ran_stages(output) == set(STAGES)
 
     report = json.loads((path / "metrics/evaluate.json").read_text())
-    rows = report["test"]
-    assert set(rows) == {"pretrained", next(k for k in rows if k.startswith("kneser-ney"))}
+    rows = report["lm"]
+    assert set(rows) == {"pretrained", "sft-full", next(k for k in rows if k.startswith("kneser-ney"))}
     vocab = json.loads((path / "data/tokens/meta.json").read_text())["vocab_size"]
     for row in rows.values():
         assert math.isfinite(row["test_ppl"]) and 1 < row["test_ppl"]
@@ -73,6 +73,13 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     assert kn["test_ppl"] < vocab / 4, "the n-gram baseline should be far better than uniform"
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 30 and pretrain["world_size"] == 1
+    tasks = report["tasks"]
+    assert set(tasks) == {"pretrained", "sft-full", "tf-idf + logistic regression"}
+    for name in ("pretrained", "sft-full"):
+        assert set(tasks[name]) == {"testament", "book", "continue", "mc"}
+        assert 0 <= tasks[name]["testament"]["accuracy"] <= 1
+        assert tasks[name]["mc"]["n"] == 20 - report["skipped_too_long"].get("mc", 0) > 10
+    assert (path / "plots/confusion/book.csv").read_text().startswith("actual,predicted\n")
     validation = json.loads((path / "metrics/data_validation.json").read_text())
     assert validation["success"] is True
     assert (path / "plots/pretrain/val_loss.csv").read_text().startswith("step,loss\n")
@@ -102,13 +109,11 @@ def test_exp_run_reruns_only_affected_stages(repo):
     path, env = repo
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "smoke results"], path, env)
-    before = json.loads((path / "metrics/evaluate.json").read_text())["test"]["pretrained"]["test_ppl"]
+    before = json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"]
     output = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "optimizer.lr=0.002"], path, env)
-    assert ran_stages(output) == {"pretrain", "evaluate"}
+    assert ran_stages(output) == {"pretrain", "sft", "evaluate"}
     # dvc exp run applies the experiment to the workspace: the new params and metrics are there.
     assert "lr: 0.002" in (path / "params.yaml").read_text()
-    assert (
-        json.loads((path / "metrics/evaluate.json").read_text())["test"]["pretrained"]["test_ppl"] != before
-    )
+    assert json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"] != before
     diff = run(["dvc", "metrics", "diff", "--json"], path, env)
     assert "evaluate.json" in diff

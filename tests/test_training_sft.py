@@ -1,4 +1,5 @@
-"""Tests for lmpipe.training.sft (and lora): masking, padding, frozen weights, merging, heads, runs, resume."""
+"""Tests for lmpipe.training.sft with its data pipeline (sft_data), lora and heads on a briefly pretrained toy
+GPT: masking, padding, frozen weights, merging, heads, runs, resume."""
 
 import copy
 import dataclasses
@@ -20,20 +21,11 @@ from lmpipe.errors import LmpipeError
 from lmpipe.model import GPT, GPTConfig, load_model, save_checkpoint
 from lmpipe.tokenizer import PAD, TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
 from lmpipe.training import sft as sft_module
+from lmpipe.training.heads import HeadClassifier, prompt_features
 from lmpipe.training.lora import LoRALinear, merge_lora
 from lmpipe.training.optim import OptimizerConfig
-from lmpipe.training.sft import (
-    HeadClassifier,
-    LitSFT,
-    RandomExampleBatches,
-    SFTConfig,
-    collate,
-    encode_head_examples,
-    encode_lm_examples,
-    finetune,
-    fingerprint,
-    prompt_features,
-)
+from lmpipe.training.sft import LitSFT, SFTConfig, SFTDataModule, finetune, fingerprint
+from lmpipe.training.sft_data import RandomExampleBatches, collate, encode_head_examples, encode_lm_examples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -207,6 +199,19 @@ def test_random_batches_are_a_pure_function_of_seed_index_and_rank(inputs):
     assert len(resumed) == 1 and torch.equal(resumed[0]["labels"], first["labels"])
 
 
+def test_validation_batches_are_fixed_and_mix_the_tasks(inputs):
+    rows, _ = encode_head_examples(split(inputs, "val"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK, LABEL_SETS)
+    rows.sort(key=lambda row: row["task"])  # task by task, as the instructions stage writes them
+
+    def first_val_batch():
+        module = SFTDataModule(rows, rows, batch_size=8, seed=3, pad_id=PAD_ID)
+        return next(iter(module.val_dataloader()))
+
+    first = first_val_batch()
+    assert set(first["task"].tolist()) == {0, 1}
+    assert all(torch.equal(first[k], v) for k, v in first_val_batch().items())
+
+
 def test_the_loss_counts_response_tokens_only(inputs):
     tok, frame = inputs.tokenizer, split(inputs, "val").iloc[[0, 1, 2, 5]]
     rows, skipped = encode_lm_examples(frame, tok, CHAT_TEMPLATE, BLOCK)
@@ -292,7 +297,7 @@ def test_lora_trains_only_adapters_and_merges_into_the_same_function(inputs, tmp
 
 def test_head_freezes_the_gpt_and_learns_a_separable_task(inputs):
     before = {k: v.clone() for k, v in pretrained(inputs).state_dict().items()}
-    module = module_for(inputs, "head")
+    module = module_for(inputs, "head", lr=1e-2)
     trainable, _ = module.parameter_counts()
     assert trainable == sum((32 + 1) * len(labels) for labels in LABEL_SETS.values())
     initial = {k: v.clone() for k, v in module.heads.state_dict().items()}
@@ -301,7 +306,7 @@ def test_head_freezes_the_gpt_and_learns_a_separable_task(inputs):
     )
     assert skipped == 0 and len(rows) == 2 * SPLIT_SIZES["train"]  # the continue examples are not used
     module.heads.set_feature_stats(prompt_features(module.model, rows, PAD_ID))
-    train_steps(module, rows, steps=60, batch_size=16)
+    train_steps(module, rows, steps=100, batch_size=16)
     assert not module.model.training  # frozen features: no dropout even in training mode
 
     for name, weight in module.model.state_dict().items():
@@ -398,11 +403,15 @@ class KillAt(L.Callback):
 
 
 class StepLog(L.Callback):
+    """The global step at the start of every training batch, and whether the GPT was in training mode."""
+
     def __init__(self):
         self.steps: list[int] = []
+        self.training: list[bool] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(trainer.global_step)
+        self.training.append(pl_module.model.training)
 
 
 def test_an_interrupted_lora_run_resumes_to_identical_weights(sft_config, tmp_path, monkeypatch):
@@ -419,6 +428,9 @@ def test_an_interrupted_lora_run_resumes_to_identical_weights(sft_config, tmp_pa
     steps = StepLog()
     resumed = run_with(steps, root=tmp_path / "killed")
     assert resumed.metrics["resumed"] is True and steps.steps == list(range(5, 12))
+    assert all(
+        steps.training
+    )  # dropout on (load_model hands the GPT over in eval mode), also after validation
     full_weights, resumed_weights = full.model.state_dict(), resumed.model.state_dict()
     assert full_weights.keys() == resumed_weights.keys()
     for name, weight in full_weights.items():

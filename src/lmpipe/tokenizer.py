@@ -268,10 +268,9 @@ def write_shards(
     splits: dict[str, Iterable[str]],
     tok: Tokenizer,
     show_progress: bool = True,
-    extra_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Encode each split to ``<split>.bin``, save the tokenizer as ``tokenizer.json`` beside them and describe
-    it all in ``meta.json``; return the meta dict.
+    """Encode each split to ``<split>.bin``, save the tokenizer as ``tokenizer.json`` (with its chat template in
+    ``tokenizer_config.json``) beside them and describe it all in ``meta.json``; return the meta dict.
 
     The whole directory is replaced atomically: if anything fails, the previous shards stay as they were, and
     shards never sit beside a tokenizer other than the one that encoded them.
@@ -294,10 +293,10 @@ def write_shards(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER_FILE))
-        for name, text in (
-            extra_files or {}
-        ).items():  # e.g. the chat template, which travels with the tokenizer
-            (tmp / name).write_text(text, encoding="utf-8")
+        # The chat template travels with the tokenizer, so every later stage formats prompts identically.
+        from lmpipe.chat import tokenizer_config
+
+        write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config())
         for split, docs in splits.items():
             counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
             # Stream chunk by chunk so a large split never sits in memory as one array.

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import numbers
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -178,7 +179,8 @@ def log_metrics(metrics: dict, prefix: str = "") -> None:
     flat = config.flatten(metrics, prefix)
     numeric = {
         # numbers.Real also admits numpy scalars (np.int64, np.float32 are not int/float subclasses).
-        k: float(v)
+        # MLflow allows only alphanumerics and _-. :/ in metric names ("tf-idf + logistic regression" has a +).
+        re.sub(r"[^\w\-. :/]", "_", k): float(v)
         for k, v in flat.items()
         if isinstance(v, numbers.Real) and not isinstance(v, bool)
     }

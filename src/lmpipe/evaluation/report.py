@@ -18,6 +18,8 @@ from lmpipe.tokenizer import read_meta, read_shard
 
 @dataclass
 class EvaluateConfig:
+    variants: list[str] = field(default_factory=lambda: ["models/pretrain", "models/sft"])
+    """Model directories to evaluate side by side (rows of the tables), in order."""
     ngram_orders: list[int] = field(default_factory=lambda: [3, 4, 5])
     """n-gram orders tried for the Kneser-Ney baseline; the best on val is scored on test."""
     batch_size: int = 16
@@ -29,9 +31,17 @@ class EvaluateConfig:
     sample_tokens: int = 64
     """New tokens per generated sample."""
     sample_prompts: list[str] = field(default_factory=lambda: ["And God said"])
-    """Prompts for the generated samples."""
+    """Prompts for the generated samples (plain text continuation, from the first variant)."""
+    tasks: bool = True
+    """Run the instruction-task benchmark (classification, exact match, multiple choice) on every variant."""
+    max_new_tokens: int = 32
+    """Greedy tokens generated per free-text task answer (label answers get just enough for the longest label)."""
+    tfidf: bool = True
+    """Add the TF-IDF + logistic regression baseline on the label tasks."""
 
     def __post_init__(self):
+        if not self.variants:
+            raise LmpipeError("evaluate.variants=[]: expected at least one model directory")
         if not self.ngram_orders or min(self.ngram_orders) < 1:
             raise LmpipeError(f"evaluate.ngram_orders={self.ngram_orders}: expected a list of orders >= 1")
         if self.batch_size < 1 or self.stride < 0:

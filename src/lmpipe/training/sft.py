@@ -6,15 +6,12 @@
   projections train and are merged into plain Linear layers at the end (`lmpipe.training.lora`).
 - head: transfer learning. The whole GPT stays frozen (and in eval mode: no dropout on fixed features); new
   linear classification heads, one per label task, read the final hidden state at the last prompt token
-  (`<|assistant|>`, where the answer would begin) and train with cross-entropy over the task's label set.
+  (`<|assistant|>`, where the answer would begin), standardised with training-set statistics, and train
+  with cross-entropy over the task's label set on the label tasks' examples (`lmpipe.training.heads`).
 
-Batches are drawn at random, batch `b` on rank `r` a pure function of (seed, b, r) as in pretraining, so a
-resumed run sees exactly the batches an uninterrupted one would. They are right-padded with the PAD id and
-label -100 on the padding. Under causal attention a real token only attends to earlier positions, which are
-all real, so right padding cannot change any real token's logits and needs no attention mask; its labels are
--100, so it cannot change the loss either.
-
-Checkpoints go to `<paths.checkpoints>/sft/` with the fingerprint and resume machinery of pretraining
+The examples become right-padded batches drawn at random, reproducibly across a resume
+(`lmpipe.training.sft_data`); this module holds the Lightning side and the run. Checkpoints go to
+`<paths.checkpoints>/sft/` with the fingerprint and resume machinery of pretraining
 (`lmpipe.training.checkpointing`).
 """
 
@@ -23,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,10 +30,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from lmpipe import config
 from lmpipe.chat import load_chat_template, prompt_text
@@ -54,17 +49,21 @@ from lmpipe.training.checkpointing import (
     trainer_shaping,
 )
 from lmpipe.training.fit_diagnosis import diagnose_fit
+from lmpipe.training.heads import ClassificationHeads, HeadClassifier, last_prompt_hidden, prompt_features
 from lmpipe.training.lora import apply_lora, merge_lora
 from lmpipe.training.optim import OptimizerConfig, build_optimizer, l1_penalty, warmup_cosine
+from lmpipe.training.sft_data import (
+    RandomExampleBatches,
+    Row,
+    collate,
+    encode_head_examples,
+    encode_lm_examples,
+    rows_sha256,
+)
 
 METHODS = ("full", "lora", "head")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 """The GPT's attention (c_attn, attn.c_proj) and MLP (c_fc, mlp.c_proj) Linear layers."""
-SECTIONS = ("seed", "paths", "optimizer", "trainer", "logger", "sft")
-DEFAULT_INSTRUCTIONS = "data/instructions"
-"""Where the instruction examples are when the config has no `paths.instructions`."""
-IGNORE_INDEX = -100
-"""Label of a position the loss skips (PyTorch's cross-entropy default, as in the instruction data)."""
 
 
 @dataclass
@@ -149,124 +148,15 @@ class SFTConfig:
             )
 
 
-# --- Data --------------------------------------------------------------------------------------------------
-
-Row = dict
-"""One encoded example: int arrays ("input_ids", and "labels" for language modelling) and, for the head
-method, ints "last" (index of the last prompt token), "task" (head index) and "label" (class index)."""
-
-
-def encode_lm_examples(
-    frame: pd.DataFrame, tokenizer, template: str, max_length: int
-) -> tuple[list[Row], int]:
-    """Rows for next-token training, (input_ids, labels) = (ids[:-1], labels[1:]) of each example, labels -100
-    on the prompt; returns (rows, examples skipped because their input exceeds max_length)."""
-    from lmpipe.data.instructions import encode_example
-
-    rows, skipped = [], 0
-    for example_id, prompt, response in zip(frame["id"], frame["prompt"], frame["response"], strict=True):
-        # The length check is ours: the last id is only a target, so max_length + 1 ids fit the context.
-        ids, labels = encode_example(tokenizer, template, prompt, response, sys.maxsize, example_id)
-        if len(ids) - 1 > max_length:
-            skipped += 1
-            continue
-        rows.append(
-            {
-                "input_ids": np.asarray(ids[:-1], dtype=np.int64),
-                "labels": np.asarray(labels[1:], dtype=np.int64),
-            }
-        )
-    return rows, skipped
-
-
-def encode_head_examples(
-    frame: pd.DataFrame, tokenizer, template: str, max_length: int, label_sets: dict[str, list[str]]
-) -> tuple[list[Row], int]:
-    """Rows for the classification heads from the examples of the tasks in `label_sets` (in its order, which
-    numbers the heads); returns (rows, examples skipped because their prompt exceeds max_length)."""
-    from lmpipe.data.instructions import encode_prompt
-
-    task_index = {task: i for i, task in enumerate(label_sets)}
-    label_index = {task: {label: i for i, label in enumerate(labels)} for task, labels in label_sets.items()}
-    rows, skipped = [], 0
-    for example_id, task, prompt, label in zip(
-        frame["id"], frame["task"], frame["prompt"], frame["label"], strict=True
-    ):
-        if task not in task_index:
-            continue
-        if label not in label_index[task]:
-            raise LmpipeError(
-                f"instruction example {example_id!r}: label {label!r} is not in the {task} label set "
-                f"({len(label_sets[task])} labels); re-run the instructions stage"
-            )
-        ids = encode_prompt(tokenizer, template, prompt)
-        if len(ids) > max_length:
-            skipped += 1
-            continue
-        rows.append(
-            {
-                "input_ids": np.asarray(ids, dtype=np.int64),
-                "last": len(ids) - 1,
-                "task": task_index[task],
-                "label": label_index[task][label],
-            }
-        )
-    return rows, skipped
-
-
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch: sequences right-padded (input ids with `pad_id`, labels with -100), scalars stacked."""
-    length = max(len(row["input_ids"]) for row in rows)
-    batch = {}
-    for key in rows[0]:
-        if key in ("input_ids", "labels"):
-            fill = pad_id if key == "input_ids" else IGNORE_INDEX
-            padded = torch.full((len(rows), length), fill, dtype=torch.long)
-            for i, row in enumerate(rows):
-                padded[i, : len(row[key])] = torch.from_numpy(row[key])
-            batch[key] = padded
-        else:
-            batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.long)
-    return batch
-
-
-class RandomExampleBatches(IterableDataset):
-    """Yields whole padded batches of random examples; one pass = one epoch of `batches_per_epoch`."""
-
-    def __init__(
-        self,
-        rows: list[Row],
-        batch_size: int,
-        seed: int,
-        pad_id: int,
-        batches_per_epoch: int,
-        start_batch: int = 0,
-        rank: int = 0,
-    ):
-        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
-        self.batches_per_epoch, self.next_batch, self.rank = batches_per_epoch, start_batch, rank
-
-    def batch(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index, self.rank])
-        picks = rng.integers(0, len(self.rows), size=self.batch_size)
-        return collate([self.rows[i] for i in picks], self.pad_id)
-
-    def __iter__(self):
-        # Run to the end of the current epoch, starting wherever the last pass (or the checkpoint) left off.
-        epoch_end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        while self.next_batch < epoch_end:
-            index = self.next_batch
-            self.next_batch += 1
-            yield self.batch(index)
-
-    def __len__(self) -> int:
-        # The whole epoch even when resuming mid-way, as RandomWindows explains: Lightning restores its own
-        # count of the epoch's batches and ends the epoch at len().
-        return self.batches_per_epoch
+# --- Lightning data module and module ----------------------------------------------------------------------
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Random training batches of encoded examples, fixed validation batches in order; resumable."""
+    """Random training batches of encoded examples and fixed validation batches; resumable.
+
+    The validation examples are put in one seeded random order, the same at every check: the examples come
+    grouped by task, so the first `limit_val_batches` batches in file order would cover only the first task.
+    """
 
     def __init__(self, train: list[Row], val: list[Row], batch_size: int, seed: int, pad_id: int):
         super().__init__()
@@ -274,7 +164,8 @@ class SFTDataModule(L.LightningDataModule):
             raise LmpipeError(
                 f"fine-tuning needs training and validation examples: got {len(train)} train, {len(val)} val"
             )
-        self.train_rows, self.val_rows = train, val
+        self.train_rows = train
+        self.val_rows = [val[i] for i in np.random.default_rng(seed).permutation(len(val))]
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self._start_batch = 0
 
@@ -316,132 +207,6 @@ class SFTDataModule(L.LightningDataModule):
         self._start_batch = int(state.get("consumed_batches", 0))
 
 
-# --- Classification heads ----------------------------------------------------------------------------------
-
-
-def last_prompt_hidden(model: GPT, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """(B, n_embd) final hidden states at index `last` of each row (the `<|assistant|>` token of a prompt)."""
-    hidden = model(input_ids).hidden
-    return hidden[torch.arange(len(last), device=hidden.device), last]
-
-
-class ClassificationHeads(nn.ModuleDict):
-    """One nn.Linear(n_embd, n_labels) per task, numbered in the order of `sizes`, over standardised features.
-
-    The frozen GPT's states at `<|assistant|>` share a large common component (the token's own embedding) and
-    differ from prompt to prompt only in a small remainder; a linear head trained on them raw spends its steps
-    on that offset and learns slowly (the usual ill-conditioning of linear probes). So features are first
-    standardised per channel with the mean and std of the training examples (`set_feature_stats`: fixed,
-    since the GPT is frozen; saved with the heads).
-    """
-
-    def __init__(self, n_embd: int, sizes: dict[str, int], seed: int = 0):
-        super().__init__({task: nn.Linear(n_embd, n) for task, n in sizes.items()})
-        self.register_buffer("feature_mean", torch.zeros(n_embd))
-        self.register_buffer("feature_std", torch.ones(n_embd))
-        generator = torch.Generator().manual_seed(seed)
-        for head in self.values():  # as the GPT initialises its own Linear layers, but seeded explicitly
-            nn.init.normal_(head.weight, mean=0.0, std=0.02, generator=generator)
-            nn.init.zeros_(head.bias)
-
-    @torch.no_grad()
-    def set_feature_stats(self, features: torch.Tensor) -> None:
-        """Standardise with the per-channel mean and std of `features` (N, n_embd) from now on."""
-        self.feature_mean.copy_(features.mean(dim=0))
-        self.feature_std.copy_(features.std(dim=0).clamp_min(1e-5))
-
-    def logits(self, task: str, features: torch.Tensor) -> torch.Tensor:
-        """(N, n_labels) logits of `task`'s head for (N, n_embd) features."""
-        return self[task]((features - self.feature_mean) / self.feature_std)
-
-    def loss(
-        self, features: torch.Tensor, task: torch.Tensor, label: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy, accuracy) over a batch mixing tasks: row i is scored by head task[i] over that
-        task's labels only."""
-        total = features.new_zeros((), dtype=torch.float32)
-        correct = features.new_zeros((), dtype=torch.float32)
-        for i, name in enumerate(self.keys()):
-            rows = task == i
-            logits = self.logits(name, features[rows]).float()
-            total = total + F.cross_entropy(logits, label[rows], reduction="sum")
-            correct = correct + (logits.argmax(dim=-1) == label[rows]).sum()
-        return total / len(label), correct / len(label)
-
-
-@torch.no_grad()
-def prompt_features(model: GPT, rows: list[Row], pad_id: int, limit: int = 4096, batch_size: int = 64):
-    """(N, n_embd) hidden states at the last prompt token of up to `limit` rows, evenly spread over `rows`."""
-    picks = np.unique(np.linspace(0, len(rows) - 1, min(limit, len(rows))).round().astype(int))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(picks), batch_size):
-        batch = collate([rows[i] for i in picks[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.append(last_prompt_hidden(model, batch["input_ids"], batch["last"]).float())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-class HeadClassifier:
-    """Label probabilities for prompts: the frozen GPT's hidden state at `<|assistant|>`, then a task's head."""
-
-    def __init__(
-        self,
-        model: GPT,
-        heads: ClassificationHeads,
-        tokenizer,
-        template: str,
-        label_sets: dict[str, list[str]],
-        batch_size: int = 64,
-    ):
-        for task, head in heads.items():
-            if len(label_sets.get(task, ())) != head.out_features:
-                raise LmpipeError(
-                    f"classification head {task!r} has {head.out_features} outputs but the label set has "
-                    f"{len(label_sets.get(task, ()))} labels"
-                )
-        self.model, self.heads, self.tokenizer, self.template = model, heads, tokenizer, template
-        self.label_sets, self.batch_size = label_sets, batch_size
-        self.pad_id = tokenizer.token_to_id(PAD)
-
-    @torch.no_grad()
-    def predict_proba(self, task: str, prompts: list[str]) -> np.ndarray:
-        """(N, n_labels) softmax probabilities, columns in the order of `label_sets[task]`.
-
-        A prompt longer than the context keeps its last block_size tokens (the end, where the answer starts).
-        """
-        from lmpipe.data.instructions import encode_prompt
-
-        if task not in self.heads:
-            raise LmpipeError(f"task {task!r}: no classification head (heads: {', '.join(self.heads)})")
-        self.model.eval()
-        self.heads.eval()
-        n_labels = self.heads[task].out_features
-        device = next(self.model.parameters()).device
-        block = self.model.config.block_size
-        out = [np.zeros((0, n_labels), dtype=np.float32)]
-        for start in range(0, len(prompts), self.batch_size):
-            rows = []
-            for prompt in prompts[start : start + self.batch_size]:
-                ids = encode_prompt(self.tokenizer, self.template, prompt)[-block:]
-                rows.append({"input_ids": np.asarray(ids, dtype=np.int64), "last": len(ids) - 1})
-            batch = {k: v.to(device) for k, v in collate(rows, self.pad_id).items()}
-            features = last_prompt_hidden(self.model, batch["input_ids"], batch["last"])
-            out.append(F.softmax(self.heads.logits(task, features).float(), dim=-1).cpu().numpy())
-        return np.concatenate(out)
-
-    def predict(self, task: str, prompts: list[str]) -> list[str]:
-        """The most probable label of each prompt."""
-        labels = self.label_sets[task]
-        return [labels[i] for i in self.predict_proba(task, prompts).argmax(axis=1)]
-
-
-# --- Lightning module --------------------------------------------------------------------------------------
-
-
 class LitSFT(RngStateInCheckpoints, L.LightningModule):
     """The pretrained GPT prepared for one SFT method, with its optimizer and schedule over what trains."""
 
@@ -463,6 +228,9 @@ class LitSFT(RngStateInCheckpoints, L.LightningModule):
                 raise LmpipeError("sft.method=head needs the label set sizes of sft.head_tasks")
             model.requires_grad_(False)
             self.heads = ClassificationHeads(model.config.n_embd, head_sizes, seed=seed)
+        # load_model hands over the GPT in eval mode, and Lightning starts fitting in whatever mode it finds
+        # (then restores that mode after each validation): without this, dropout would stay off.
+        self.train()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -553,19 +321,6 @@ def fingerprint(
     return digest(shaping)
 
 
-def rows_sha256(rows: dict[str, list[Row]]) -> str:
-    """sha256 of encoded examples (which also pins the tokenizer, the template and the label numbering)."""
-    h = hashlib.sha256()
-    for split in sorted(rows):
-        h.update(f"\x00{split}:{len(rows[split])}".encode())
-        for row in rows[split]:
-            for key in sorted(row):
-                value = np.asarray(row[key], dtype=np.int64)
-                h.update(f"{key}{value.size};".encode())
-                h.update(value.tobytes())
-    return h.hexdigest()
-
-
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -576,7 +331,7 @@ class SFTResult:
     model: GPT
     """The fine-tuned GPT (LoRA merged into plain Linear layers); for method=head the unchanged pretrained GPT."""
     heads: dict | None
-    """method=head: the ClassificationHeads state dict (task -> Linear weight/bias); otherwise None."""
+    """method=head: the ClassificationHeads state dict (feature_mean, feature_std, <task>.weight/.bias)."""
     method: str
     """The sft.method that produced this result."""
     metrics: dict
@@ -613,7 +368,7 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
     if pad_id is None:
         raise LmpipeError(f"{pretrained_dir / TOKENIZER_FILE}: no {PAD} token; expected an lmpipe tokenizer")
 
-    data_dir = Path(cfg.paths.get("instructions", DEFAULT_INSTRUCTIONS))
+    data_dir = Path(cfg.paths.instructions)
     frames = {split: read_examples(data_dir, split) for split in ("train", "val")}
     head_sets = None
     if scfg.method == "head":
@@ -646,6 +401,8 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
             )
 
     quiet_lightning()
+    if scfg.method == "head":  # the frozen GPT stays in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = SFTDataModule(rows["train"], rows["val"], scfg.batch_size, cfg.seed, pad_id)
     trainer_cfg = OmegaConf.merge(
