@@ -190,7 +190,13 @@ def test_shards_round_trip(bpe, saved_bpe, tmp_path):
     train_docs, val_docs = TEXTS[:20], ["Ünïcode — ok 👍", "second"]
     out = tmp_path / "shards"
     write_shards(out, {"train": iter(train_docs), "val": val_docs}, bpe)
-    assert sorted(os.listdir(out)) == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == [
+        "meta.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train.bin",
+        "val.bin",
+    ]
     meta = read_meta(out)
     assert meta == json.loads((out / "meta.json").read_text())
     for split, docs in [("train", train_docs), ("val", val_docs)]:
