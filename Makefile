@@ -8,7 +8,9 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup train test test-fast lint params ui bench lock clean help
+.PHONY: setup train test test-fast compare-sft lint params ui bench lock clean help
+comma := ,
+space := $(subst ,, )
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,6 +33,15 @@ test: setup  ## run the whole test suite, end-to-end DVC runs included
 
 test-fast: setup  ## unit tests only (skips tests marked slow)
 	$(BIN)/pytest -q -m "not slow"
+
+METHODS := full lora head
+compare-sft: setup  ## fine-tune with every sft.method (conf/ + OVERRIDES) and compare them: metrics/sft-compare/evaluate.md
+	for m in $(METHODS); do \
+	  $(BIN)/python pipelines/sft.py sft.method=$$m paths.sft=models/sft-$$m paths.checkpoints=checkpoints/sft-$$m \
+	    paths.metrics=metrics/sft-compare/$$m paths.plots=plots/sft-compare/$$m $(OVERRIDES) || exit 1; \
+	done
+	$(BIN)/python pipelines/evaluate.py paths.metrics=metrics/sft-compare paths.plots=plots/sft-compare \
+	  'evaluate.variants=[models/pretrain,$(subst $(space),$(comma),$(addprefix models/sft-,$(METHODS)))]' $(OVERRIDES)
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src pipelines tests bench

@@ -39,6 +39,8 @@ def variant_name(extra: dict) -> str:
     """Table row of a model: pretrained, sft-<method>, ... (from what its stage saved beside the weights)."""
     if extra.get("stage") == "sft":
         return f"sft-{extra['method']}"
+    if extra.get("stage") == "distill":
+        return extra["variant"]
     return {"pretrain": "pretrained"}.get(extra.get("stage"), extra.get("stage", "model"))
 
 

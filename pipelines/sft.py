@@ -2,7 +2,7 @@
 `full` (all weights), `lora` (low-rank adapters, merged at the end) or `head` (frozen backbone plus new
 classification heads: transfer learning).
 
-Outs: <paths.models>/sft/ (model.pt, heads.pt for method=head, tokenizer files, samples.txt),
+Outs: <paths.sft>/ (model.pt, heads.pt for method=head, tokenizer files, samples.txt),
 <paths.metrics>/sft.json, <paths.plots>/sft/{train,val}_loss.csv; persistent checkpoints in
 <paths.checkpoints>/sft/.
 """
@@ -37,7 +37,7 @@ def main(cfg):
 
         extra = {"stage": "sft", "method": result.method, "metrics": result.metrics}
         model_dir = write_model_dir(
-            Path(cfg.paths.models) / "sft",
+            Path(cfg.paths.sft),
             result.model,
             extra,
             Path(cfg.paths.models) / "pretrain",

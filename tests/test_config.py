@@ -18,6 +18,7 @@ TARGET_SECTIONS = {
     "pretrain",
     "instructions",
     "sft",
+    "distill",
     "evaluate",
     "data",
     "validate",
@@ -248,7 +249,7 @@ def test_describe_shows_values_and_field_docstrings():
     assert lines[0] == "seed: 1337"
     assert lines[1] == "model:  (lmpipe.model.GPTConfig)"
     assert "  model.n_layer=6  # Number of transformer blocks." in lines
-    assert "  model.pos_encoding='learned'  # Position encoding: learned, sinusoidal or rotary." in lines
+    assert "  model.pos_encoding='rotary'  # Position encoding: learned, sinusoidal or rotary." in lines
     # Fields the section leaves to the schema's default are listed too, with their doc.
     assert "  model.vocab_size (default)  # Number of token ids (the tokenizer's vocabulary size)." in lines
     assert not any("_target_" in line for line in lines[2:])

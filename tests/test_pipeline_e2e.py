@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenize", "instructions", "pretrain", "sft", "evaluate")
+STAGES = ("prepare", "tokenize", "instructions", "pretrain", "sft", "distill", "evaluate")
 pytestmark = pytest.mark.slow
 
 
@@ -111,7 +111,7 @@ def test_exp_run_reruns_only_affected_stages(repo):
     run(["git", "commit", "-qm", "smoke results"], path, env)
     before = json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"]
     output = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "optimizer.lr=0.002"], path, env)
-    assert ran_stages(output) == {"pretrain", "sft", "evaluate"}
+    assert ran_stages(output) == {"pretrain", "sft", "distill", "evaluate"}
     # dvc exp run applies the experiment to the workspace: the new params and metrics are there.
     assert "lr: 0.002" in (path / "params.yaml").read_text()
     assert json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"] != before

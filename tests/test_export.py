@@ -1,0 +1,186 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lmpipe.atomic import write_json
+from lmpipe.chat import tokenizer_config
+from lmpipe.errors import LmpipeError
+from lmpipe.export import ExportConfig, export_onnx, io_names
+from lmpipe.inference.engine import OrtEngine
+from lmpipe.model import GPT, GPTConfig, save_checkpoint
+from lmpipe.tokenizer import (
+    END,
+    EOT,
+    PAD,
+    TOKENIZER_CONFIG_FILE,
+    TokenizerConfig,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+SENTENCES = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "Now these are the names of the children of Israel, which came into Egypt.",
+] * 3
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+
+
+def make_model_dir(path, tok, pos_encoding: str, seed: int) -> GPT:
+    """A tiny GPT with weights drawn at std 0.3 (so its predictions depend on the context) saved with `tok`."""
+    path.mkdir(parents=True)
+    save_tokenizer(tok, path / "tokenizer.json")
+    write_json(path / TOKENIZER_CONFIG_FILE, tokenizer_config())
+    cfg = GPTConfig(
+        vocab_size=tok.get_vocab_size(),
+        block_size=64,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        dropout=0.0,
+        pos_encoding=pos_encoding,
+    )
+    model = GPT(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_checkpoint(path / "model.pt", model, {"stage": "test"})
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{pos_encoding: (model, model_dir, export_dir, report)}, each exported once for the whole module."""
+    root = tmp_path_factory.mktemp("export")
+    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
+    out = {}
+    for i, pe in enumerate(POS_ENCODINGS):
+        model = make_model_dir(root / pe, tok, pe, seed=i)
+        report = export_onnx(root / pe, root / "onnx" / pe, ExportConfig(), seed=0, variant_name=f"tiny-{pe}")
+        out[pe] = (model, root / pe, root / "onnx" / pe, report)
+    return out
+
+
+@pytest.mark.parametrize("pe", POS_ENCODINGS)
+def test_export_writes_a_self_contained_directory_with_its_parity_report(exports, pe):
+    model, model_dir, export_dir, report = exports[pe]
+    assert sorted(p.name for p in export_dir.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "parity.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert json.loads((export_dir / "parity.json").read_text()) == report
+    assert report["prefill_max_abs_diff"] < 1e-4 and report["decode_max_abs_diff"] < 1e-4
+    assert report["decode_steps"] == 8 and report["batch"] == 2 and report["left_padding"] > 0
+    assert report["onnx_bytes"] == (export_dir / "model.onnx").stat().st_size
+    config = json.loads((export_dir / "config.json").read_text())
+    tok = OrtEngine(export_dir).tokenizer
+    assert config["model"]["pos_encoding"] == pe
+    assert config["variant"] == f"tiny-{pe}" and config["source_dir"] == str(model_dir)
+    assert (config["n_layer"], config["n_head"], config["head_dim"], config["block_size"]) == (2, 2, 16, 64)
+    assert config["eos_id"] == config["end_id"] == tok.token_to_id(END)
+    assert (config["pad_id"], config["eot_id"]) == (tok.token_to_id(PAD), tok.token_to_id(EOT))
+    assert config["quantization"] == "none"
+    graph = onnx.load(export_dir / "model.onnx")
+    assert json.loads({p.key: p.value for p in graph.metadata_props}["lmpipe_config"]) == config
+
+
+def test_graph_has_named_inputs_with_dynamic_batch_sequence_and_past(exports):
+    _, _, export_dir, _ = exports["rotary"]
+    graph = onnx.load(export_dir / "model.onnx").graph
+    inputs, outputs = io_names(2)
+    assert [i.name for i in graph.input] == inputs
+    assert [o.name for o in graph.output] == outputs
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["input_ids"] == dims["position_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"][0] == "batch" and isinstance(dims["attention_mask"][1], str)
+    assert dims["past_key_1"] == ["batch", 2, "past", 16]
+    # Weights inside the file: nothing written beside it.
+    assert not any(init.external_data for init in graph.initializer)
+
+
+@pytest.mark.parametrize("pe", POS_ENCODINGS)
+def test_onnx_matches_torch_on_a_left_padded_batch_prefill_then_cached_decode(exports, pe):
+    model, _, export_dir, _ = exports[pe]
+    engine = OrtEngine(export_dir)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(ids, positions=positions, attention_mask=mask, use_cache=True)
+    logits, past = engine.forward(ids.numpy(), positions.numpy(), mask.numpy(), None)
+    real = mask.bool().numpy()
+    np.testing.assert_allclose(logits[real], ref.logits.numpy()[real], atol=1e-4)
+    for ort_kv, ref_kv in zip(past, ref.past_kv, strict=True):  # padding keys included: same in both
+        np.testing.assert_allclose(ort_kv[0], ref_kv[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(ort_kv[1], ref_kv[1].numpy(), atol=1e-5)
+    torch_past, next_pos = ref.past_kv, positions[:, -1:] + 1
+    for new in (1, 2, 1):  # single tokens and a two-token chunk after a past
+        step = torch.randint(0, model.config.vocab_size, (3, new), generator=gen)
+        pos = next_pos + torch.arange(new)
+        mask = torch.cat((mask, torch.ones(3, new, dtype=torch.long)), dim=1)
+        with torch.no_grad():
+            ref = model(step, positions=pos, past_kv=torch_past, attention_mask=mask, use_cache=True)
+        logits, past = engine.forward(step.numpy(), pos.numpy(), mask.numpy(), past)
+        np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4)
+        assert past[0][0].shape[2] == mask.shape[1]
+        torch_past, next_pos = ref.past_kv, next_pos + new
+
+
+def test_parity_failure_raises_and_leaves_the_previous_export_intact(exports, monkeypatch):
+    import lmpipe.export
+
+    _, _, learned_onnx, _ = exports["learned"]
+    _, rotary_dir, rotary_onnx, _ = exports["rotary"]
+    target = rotary_onnx.parent / "previous"
+    shutil.copytree(rotary_onnx, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def wrong_graph(model, path, opset, config):  # a broken wrapper: the graph of another model
+        shutil.copy(learned_onnx / "model.onnx", path)
+
+    monkeypatch.setattr(lmpipe.export, "_export_graph", wrong_graph)
+    with pytest.raises(
+        LmpipeError,
+        match=r"^ONNX parity failed: (prefill|decode) max abs logit diff \S+ > "
+        r"export.parity_atol 1e-3 \(.*previous\)$",
+    ):
+        export_onnx(rotary_dir, target, ExportConfig(), seed=0)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_decode_steps_that_leave_no_room_fail_before_exporting(exports, monkeypatch):
+    import lmpipe.export
+
+    _, model_dir, _, _ = exports["learned"]
+    monkeypatch.setattr(lmpipe.export, "_export_graph", lambda *a: pytest.fail("exported anyway"))
+    with pytest.raises(LmpipeError, match=r"export.parity_decode_steps=63 .*block_size=64"):
+        export_onnx(model_dir, model_dir.parent / "never", ExportConfig(parity_decode_steps=63), seed=0)
+    assert not (model_dir.parent / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("opset", 17),
+        ("parity_atol", -1.0),
+        ("parity_decode_steps", -1),
+        ("parity_batch", 0),
+        ("parity_batch", 1.5),
+    ],
+)
+def test_invalid_export_config_names_the_field(field, value):
+    with pytest.raises(LmpipeError, match=rf"^export.{field}="):
+        ExportConfig(**{field: value})
