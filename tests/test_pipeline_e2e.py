@@ -15,7 +15,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tokenize", "instructions", "pretrain", "sft", "distill", "evaluate")
+STAGES = (
+    "prepare",
+    "tokenize",
+    "instructions",
+    "pretrain",
+    "sft",
+    "distill",
+    "export",
+    "quantize",
+    "evaluate",
+    "register",
+    "infer",
+)
+AFTER_PRETRAIN = set(STAGES[STAGES.index("pretrain") :])
 pytestmark = pytest.mark.slow
 
 
@@ -64,7 +77,18 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
 
     report = json.loads((path / "metrics/evaluate.json").read_text())
     rows = report["lm"]
-    assert set(rows) == {"pretrained", "sft-full", next(k for k in rows if k.startswith("kneser-ney"))}
+    variants = {
+        "pretrained",
+        "sft-full",
+        "student",
+        "onnx-teacher",
+        "onnx-teacher-int8",
+        "onnx-teacher-pruned",
+        "onnx-student",
+        "onnx-student-int8",
+        "onnx-student-nodistill",
+    }
+    assert set(rows) == variants | {next(k for k in rows if k.startswith("kneser-ney"))}
     vocab = json.loads((path / "data/tokens/meta.json").read_text())["vocab_size"]
     for row in rows.values():
         assert math.isfinite(row["test_ppl"]) and 1 < row["test_ppl"]
@@ -74,12 +98,19 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 30 and pretrain["world_size"] == 1
     tasks = report["tasks"]
-    assert set(tasks) == {"pretrained", "sft-full", "tf-idf + logistic regression"}
-    for name in ("pretrained", "sft-full"):
+    assert set(tasks) == variants | {"tf-idf + logistic regression"}
+    for name in variants:
         assert set(tasks[name]) == {"testament", "book", "continue", "mc"}
         assert 0 <= tasks[name]["testament"]["accuracy"] <= 1
         assert tasks[name]["mc"]["n"] == 20 - report["skipped_too_long"].get("mc", 0) > 10
     assert (path / "plots/confusion/book.csv").read_text().startswith("actual,predicted\n")
+    assert set(report["variants"]) == variants
+    for row in report["variants"].values():
+        assert row["decode_tok_s_b1"] > 0 and row["prefill_ms_p95"] >= row["prefill_ms_p50"] > 0
+    register = json.loads((path / "metrics/register.json").read_text())
+    assert "champion" in register["aliases"] and register["decision"]["promoted"] is True
+    generations = [json.loads(line) for line in (path / "data/generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 20 and all(g["finish_reason"] in ("stop", "length") for g in generations)
     validation = json.loads((path / "metrics/data_validation.json").read_text())
     assert validation["success"] is True
     assert (path / "plots/pretrain/val_loss.csv").read_text().startswith("step,loss\n")
@@ -111,7 +142,7 @@ def test_exp_run_reruns_only_affected_stages(repo):
     run(["git", "commit", "-qm", "smoke results"], path, env)
     before = json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"]
     output = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "optimizer.lr=0.002"], path, env)
-    assert ran_stages(output) == {"pretrain", "sft", "distill", "evaluate"}
+    assert ran_stages(output) == AFTER_PRETRAIN
     # dvc exp run applies the experiment to the workspace: the new params and metrics are there.
     assert "lr: 0.002" in (path / "params.yaml").read_text()
     assert json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"] != before

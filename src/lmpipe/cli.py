@@ -7,6 +7,9 @@ import sys
 
 from lmpipe.errors import LmpipeError
 
+DEFAULT_MODEL = "models/onnx/teacher-int8"
+"""The model `generate` and `serve` load when --model is not given (lmpipe.serve.ServeConfig's default)."""
+
 
 def cmd_params(args: argparse.Namespace) -> None:
     """Compose conf/ (plus overrides) and write it to params.yaml, exactly as `dvc exp run -S` would."""
@@ -25,6 +28,52 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(f"wrote {config.PARAMS_FILE}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete the prompts with an ONNX export and print the completions (as they come, with --stream)."""
+    from lmpipe.inference.engine import OrtEngine
+    from lmpipe.inference.sampling import GenerationParams
+    from lmpipe.serve import resolve_model
+
+    params = GenerationParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop or [],
+        seed=args.seed,
+    )
+    engine = OrtEngine(resolve_model(args.model), args.threads)
+    chat = not args.raw
+    if not args.stream:
+        # Every prompt is checked (tokens, room in the context) before anything is printed.
+        completions = engine.generate(args.prompts, params, chat=chat)
+    for i, prompt in enumerate(args.prompts):
+        if len(args.prompts) > 1:  # headed as `head` heads several files
+            print(("\n" if i else "") + f"==> {prompt} <==")
+        if args.stream:
+            for delta in engine.stream(prompt, params, chat=chat):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            print(completions[i].text)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model over HTTP with the OpenAI completions API (see lmpipe.serve)."""
+    from lmpipe.serve import ServeConfig, serve
+
+    given = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "threads": args.threads,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_tokens_limit": args.max_tokens_limit,
+        "max_batch": args.max_batch,
+    }
+    serve(ServeConfig(**{k: v for k, v in given.items() if v is not None}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke model.n_layer=6")
     p.add_argument("--check", action="store_true", help="exit 2 if params.yaml differs instead of writing it")
     p.set_defaults(func=cmd_params)
+
+    model_help = f"ONNX export directory or models:/<name>@<alias> registry URI (default {DEFAULT_MODEL})"
+    p = sub.add_parser("generate", help="complete prompts with an ONNX export and print the completions")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one completion each)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens generated per prompt (default 64)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--stop", action="append", metavar="S", help="stop sequence (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh entropy)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = one per core")
+    p.add_argument("--raw", action="store_true", help="complete the raw text, without the chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads; 0 = one per core (default)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default block_size - 1)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 256)")
+    p.add_argument("--max-batch", type=int, help="most prompts per completions request (default 8)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

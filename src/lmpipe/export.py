@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ _PARITY_PREFILL_TOKENS = 16
 
 @dataclass
 class ExportConfig:
+    models: dict[str, str] = field(
+        default_factory=lambda: {"teacher": "sft", "student": "student", "student-nodistill": "student-nodistill"}
+    )
+    """ONNX variant name -> model directory under paths.models, each exported to <paths.onnx>/<variant>."""
     opset: int = 20
     """ONNX opset version of the exported graph (18 or later)."""
     parity_atol: float = 1e-3
@@ -133,6 +137,7 @@ def export_onnx(
         "head_dim": mcfg.head_dim,
         "vocab_size": mcfg.vocab_size,
         "block_size": mcfg.block_size,
+        "parameters": model.num_parameters(),
         # A chat answer ends with END, which is what the tokenizer config calls its eos_token.
         "eos_id": special["end_id"],
         **special,

@@ -18,6 +18,7 @@ import numbers
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from lmpipe import config
+
+if not sys.stderr.isatty():  # MLflow's per-file download bars would flood CI and DVC logs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 if TYPE_CHECKING:
     import mlflow

@@ -27,3 +27,39 @@ class OrtScorer(Scorer):
     def _expand_past(self, past: Past, n: int) -> Past:
         # ONNX Runtime needs contiguous inputs, so a broadcast view would be copied anyway.
         return [(np.repeat(k, n, axis=0), np.repeat(v, n, axis=0)) for k, v in past]
+
+
+class OrtLanguageModel:
+    """An ONNX export seen through the small interface `lmpipe.evaluation.lm.model_nll` and the report use:
+    `model(idx).logits` (torch tensors in and out), `eval()`/`train()`, `config.block_size`, `num_parameters()`."""
+
+    training = False
+
+    def __init__(self, engine: OrtEngine):
+        from types import SimpleNamespace
+
+        self.engine = engine
+        self.config = SimpleNamespace(block_size=engine.block_size)
+
+    def __call__(self, idx):
+        import torch
+
+        ids = idx.cpu().numpy().astype(np.int64)
+        batch, length = ids.shape
+        positions = np.broadcast_to(np.arange(length), (batch, length))
+        logits, _ = self.engine.forward(ids, positions, np.ones((batch, length), dtype=np.int64))
+        return _Output(torch.from_numpy(logits))
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def num_parameters(self) -> int:
+        return int(self.engine.config.get("parameters", 0))
+
+
+class _Output:
+    def __init__(self, logits):
+        self.logits = logits

@@ -38,6 +38,10 @@ class EvaluateConfig:
     """Greedy tokens generated per free-text task answer (label answers get just enough for the longest label)."""
     tfidf: bool = True
     """Add the TF-IDF + logistic regression baseline on the label tasks."""
+    speed: bool = True
+    """Measure decode tokens/s (batch 1 and 8) and prefill latency (p50/p95) of every variant."""
+    threads: int = 0
+    """Threads for ONNX Runtime sessions (0 = its default); PyTorch uses its own setting."""
 
     def __post_init__(self):
         if not self.variants:

@@ -37,8 +37,8 @@ class GenerationParams:
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise LmpipeError(f"stop={self.stop!r}: expected a list of non-empty strings")
         self.stop = list(self.stop)
-        if self.seed is not None and _not_int(self.seed):
-            raise LmpipeError(f"seed={self.seed!r}: expected an integer or None")
+        if self.seed is not None and (_not_int(self.seed) or self.seed < 0):
+            raise LmpipeError(f"seed={self.seed!r}: expected an integer >= 0 or None")
 
 
 def _not_int(value) -> bool:

@@ -1,0 +1,70 @@
+"""Stage `register`: each ONNX variant as a new version of the registered MLflow model, then the gate.
+
+Each directory of `register.variants` under `paths.onnx` becomes a version (a pyfunc that
+`mlflow models serve` runs), tagged with its evaluate.json metrics and described by a model card. The new
+version of `register.candidate` gets alias `candidate`, and takes alias `champion` only if it beats the
+current champion on `register.metric` by more than `register.min_improvement`.
+
+Outs: <paths.metrics>/register.json (versions, aliases, the gate's decision).
+"""
+
+import json
+from pathlib import Path
+
+from lmpipe import atomic, config, tracking
+from lmpipe.errors import LmpipeError, require_file
+from lmpipe.stage import run_stage
+
+SECTIONS = ("seed", "paths", "register", "logger")
+
+
+def main(cfg):
+    import mlflow
+
+    from lmpipe import registry
+
+    rcfg = config.build(cfg.register)
+    metrics_dir, onnx = Path(cfg.paths.metrics), Path(cfg.paths.onnx)
+    source = require_file(metrics_dir / "evaluate.json", produced_by="evaluate")
+    try:
+        evaluation = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LmpipeError(f"{source} is not valid JSON: {exc}") from exc
+    # Check every input before registering anything, so a bad one leaves the registry as it was.
+    model_dirs = {v: onnx / v for v in rcfg.variants}
+    for model_dir in model_dirs.values():
+        registry.onnx_config(model_dir)
+    value = registry.lookup_metric(evaluation, rcfg.candidate, rcfg.metric, source=str(source))
+
+    commit, dirty = tracking.git_commit()
+    provenance = {
+        "git commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "pipeline": tracking.pipeline_id(),
+    }
+    with tracking.stage_run("register", cfg, SECTIONS):
+        versions = {}
+        for variant, model_dir in model_dirs.items():
+            metrics = registry.variant_metrics(evaluation, variant)
+            card = registry.model_card(model_dir, metrics, provenance)
+            versions[variant] = str(registry.log_model(model_dir, rcfg, metrics, card).version)
+        client = mlflow.MlflowClient()
+        decision = registry.promote(client, rcfg, versions[rcfg.candidate], value)
+        aliases = {
+            alias: str(version)
+            for alias, version in client.get_registered_model(rcfg.model_name).aliases.items()
+        }
+        result = {
+            "model_name": rcfg.model_name,
+            "versions": versions,
+            "aliases": aliases,
+            "decision": decision,
+        }
+        atomic.write_json(metrics_dir / "register.json", result)
+    print(
+        f"register: {rcfg.model_name} v{versions[rcfg.candidate]} ({rcfg.candidate}) "
+        f"{'promoted to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage("register", SECTIONS, main))

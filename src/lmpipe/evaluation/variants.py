@@ -1,0 +1,91 @@
+"""A model variant on disk, whatever it is (a PyTorch model dir or an ONNX export), seen through the interfaces
+evaluation needs: a language model for perplexity, a `Scorer` for tasks, a step function for speed, and the
+classification heads when transfer learning made some.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmpipe.errors import LmpipeError
+
+ONNX_FILE = "model.onnx"
+TORCH_FILE = "model.pt"
+
+
+@dataclass
+class Variant:
+    name: str
+    """Row name in the tables: pretrained, sft-<method>, student, onnx-<dir name>, ..."""
+    directory: Path
+    kind: str
+    """torch or onnx."""
+    lm: Any
+    """Callable `lm(idx).logits` with `config.block_size` and `num_parameters()` (see evaluation.lm.model_nll)."""
+    scorer: Any
+    """An `evaluation.scoring.Scorer` over the model."""
+    step: Any
+    """A step function for `evaluation.speed.measure`."""
+    vocab_size: int
+    heads: Any = None
+    """A `training.heads.HeadClassifier` when the directory holds classification heads."""
+
+    @property
+    def file_bytes(self) -> int:
+        return (self.directory / (ONNX_FILE if self.kind == "onnx" else TORCH_FILE)).stat().st_size
+
+
+def torch_variant_name(extra: dict) -> str:
+    """Row name of a PyTorch model from what its stage saved beside the weights."""
+    stage = extra.get("stage")
+    if stage == "sft":
+        return f"sft-{extra['method']}"
+    if stage == "distill":
+        return extra["variant"]
+    return {"pretrain": "pretrained"}.get(stage, stage or "model")
+
+
+def load_variant(directory: str | Path, threads: int = 0) -> Variant:
+    """Open a model directory: an ONNX export (model.onnx) or a PyTorch model (model.pt)."""
+    directory = Path(directory)
+    if (directory / ONNX_FILE).is_file():
+        from lmpipe.evaluation.ort_scorer import OrtLanguageModel, OrtScorer
+        from lmpipe.evaluation.speed import ort_step
+        from lmpipe.inference.engine import OrtEngine
+
+        engine = OrtEngine(directory, threads)
+        return Variant(
+            f"onnx-{directory.name}",
+            directory,
+            "onnx",
+            OrtLanguageModel(engine),
+            OrtScorer(engine),
+            ort_step(engine),
+            engine.vocab_size,
+        )
+    if (directory / TORCH_FILE).is_file():
+        from lmpipe.chat import load_chat_template
+        from lmpipe.evaluation.scoring import TorchScorer
+        from lmpipe.evaluation.speed import torch_step
+        from lmpipe.model import load_model
+        from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
+        from lmpipe.training.heads import HEADS_FILE, load_head_classifier
+
+        model, extra = load_model(directory / TORCH_FILE)
+        scorer = TorchScorer(model, load_tokenizer(directory / TOKENIZER_FILE), load_chat_template(directory))
+        heads = load_head_classifier(directory) if (directory / HEADS_FILE).exists() else None
+        return Variant(
+            torch_variant_name(extra),
+            directory,
+            "torch",
+            model,
+            scorer,
+            torch_step(model),
+            model.config.vocab_size,
+            heads,
+        )
+    raise LmpipeError(
+        f"{directory}: no {ONNX_FILE} or {TORCH_FILE}; expected a model directory written by a stage"
+    )

@@ -1,0 +1,596 @@
+"""The HTTP server: OpenAI-style completions and chat completions over a tiny ONNX export."""
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from lmpipe.atomic import write_json
+from lmpipe.chat import render, tokenizer_config
+from lmpipe.errors import LmpipeError
+from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.inference.engine import OrtEngine
+from lmpipe.inference.sampling import GenerationParams
+from lmpipe.model import GPT, GPTConfig, save_checkpoint
+from lmpipe.serve import ServeConfig, create_app, resolve_model
+from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
+
+SENTENCES = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "Now these are the names of the children of Israel, which came into Egypt.",
+] * 3
+LIMITS = ServeConfig(max_tokens_limit=32, max_batch=3)
+"""The server's limits in these tests: the tiny model's block_size is 64, so max_prompt_tokens is 63."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(export directory, engine) of a tiny random GPT (block_size 64), exported to ONNX once per module."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
+    save_tokenizer(tok, model_dir / "tokenizer.json")
+    write_json(model_dir / TOKENIZER_CONFIG_FILE, tokenizer_config())
+    cfg = GPTConfig(
+        vocab_size=tok.get_vocab_size(), block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0
+    )
+    model = GPT(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # std 0.3: outputs depend on the context, unlike a freshly initialised model's
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_checkpoint(model_dir / "model.pt", model, {"stage": "test"})
+    export_onnx(model_dir, root / "onnx", ExportConfig(parity_decode_steps=2), seed=0, variant_name="tiny")
+    return root / "onnx", OrtEngine(root / "onnx", threads=1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return tiny[1]
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine, LIMITS)) as client:
+        yield client
+
+
+def greedy(engine, prompt: str, max_tokens: int, chat: bool = False, stop=()):
+    params = GenerationParams(max_new_tokens=max_tokens, stop=list(stop))
+    return engine.generate([prompt], params, chat=chat)[0]
+
+
+def sse(response) -> list[dict]:
+    """The JSON chunks of an OpenAI-style event stream, checking its framing and closing [DONE]."""
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    text = response.text
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")[:-2]  # the [DONE] event, then "" after the last separator
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    return [json.loads(e.removeprefix("data: ")) for e in events]
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    return error
+
+
+def tokens(engine, text: str) -> int:
+    return len(engine.encode_prompt(text, chat=False))
+
+
+# --- config and model loading -----------------------------------------------------------------------------
+
+
+def test_serve_config_defaults():
+    cfg = ServeConfig()
+    assert (cfg.model, cfg.host, cfg.port) == ("models/onnx/teacher-int8", "127.0.0.1", 8000)
+    assert (cfg.threads, cfg.max_prompt_tokens, cfg.max_tokens_limit, cfg.max_batch) == (0, 0, 256, 8)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model", ""),
+        ("host", " "),
+        ("port", 0),
+        ("port", 70000),
+        ("port", "80"),
+        ("threads", -1),
+        ("max_prompt_tokens", -1),
+        ("max_tokens_limit", 0),
+        ("max_batch", 0),
+        ("max_batch", True),
+    ],
+)
+def test_serve_config_rejects_bad_fields(field, value):
+    with pytest.raises(LmpipeError, match=rf"^serve\.{field}={value!r}: expected "):
+        ServeConfig(**{field: value})
+
+
+def test_resolve_model_takes_a_local_export_directory(tiny, tmp_path):
+    assert resolve_model(str(tiny[0])) == tiny[0]
+    with pytest.raises(
+        LmpipeError, match=r"missing model directory .*nope: build it with `dvc repro export`"
+    ):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_resolve_model_sends_registry_uris_to_the_registry(tiny, monkeypatch):
+    asked = []
+
+    def resolve_model_dir(ref):
+        asked.append(ref)
+        return str(tiny[0])
+
+    monkeypatch.setitem(
+        sys.modules, "lmpipe.registry", types.SimpleNamespace(resolve_model_dir=resolve_model_dir)
+    )
+    assert resolve_model("models:/teacher@champion") == tiny[0]
+    assert resolve_model("models:/teacher/3") == tiny[0]
+    assert asked == ["models:/teacher@champion", "models:/teacher/3"]
+
+
+def test_create_app_rejects_a_prompt_limit_beyond_the_context(engine):
+    with pytest.raises(LmpipeError, match=r"max_prompt_tokens=64: expected at most block_size - 1 = 63"):
+        create_app(engine, ServeConfig(max_prompt_tokens=64))
+
+
+# --- endpoints ----------------------------------------------------------------------------------------------
+
+
+def test_health_and_models(client):
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {
+        "status": "ok",
+        "model": "tiny",
+        "block_size": 64,
+        "max_prompt_tokens": 63,
+        "max_tokens_limit": 32,
+    }
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    [entry] = models["data"]
+    assert (entry["id"], entry["object"], entry["owned_by"]) == ("tiny", "model", "lmpipe")
+
+
+def test_completion_is_the_engines_raw_greedy_completion(client, engine):
+    expected = greedy(engine, "In the beginning", 12)
+    body = {"model": "tiny", "prompt": "In the beginning", "max_tokens": 12, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    assert out["id"].startswith("cmpl-") and out["object"] == "text_completion" and out["model"] == "tiny"
+    assert isinstance(out["created"], int)
+    assert out["choices"] == [
+        {"index": 0, "text": expected.text, "logprobs": None, "finish_reason": expected.finish_reason}
+    ]
+    n = tokens(engine, "In the beginning")
+    c = expected.completion_tokens
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": c, "total_tokens": n + c}
+    assert len(expected.text) > 10
+
+
+def test_a_list_of_prompts_gets_one_choice_each_in_order(client, engine):
+    prompts = ["God", "And the earth was", "Israel came"]
+    body = {"prompt": prompts, "max_tokens": 8, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    expected = [greedy(engine, p, 8) for p in prompts]
+    assert [(c["index"], c["text"]) for c in out["choices"]] == [(i, e.text) for i, e in enumerate(expected)]
+    assert out["usage"]["completion_tokens"] == sum(e.completion_tokens for e in expected)
+    assert out["usage"]["prompt_tokens"] == sum(tokens(engine, p) for p in prompts)
+
+
+def test_chat_completion_renders_the_chat_template(client, engine):
+    expected = greedy(engine, "Who created the earth?", 10, chat=True)
+    body = {
+        "messages": [{"role": "user", "content": "Who created the earth?"}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["id"].startswith("chatcmpl-") and out["object"] == "chat.completion"
+    [choice] = out["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["finish_reason"] == expected.finish_reason
+    assert out["usage"]["prompt_tokens"] == expected.prompt_tokens
+    # A conversation: the whole history through the template, then the assistant's turn.
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Who?"},
+        {"role": "assistant", "content": "God."},
+        {"role": "user", "content": "Where?"},
+    ]
+    text = render(messages, add_generation_prompt=True, template=engine.template)
+    assert text.endswith("<|user|>Where?<|end|><|assistant|>")
+    out = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0})
+    assert out.json()["choices"][0]["message"]["content"] == greedy(engine, text, 10).text
+
+
+@pytest.mark.parametrize("stop", [None, "late"])
+def test_streamed_completion_deltas_add_up_to_the_completion(client, engine, stop):
+    full = greedy(engine, "And the earth", 30)
+    stops = [full.text[12:15]] if stop else []
+    body = {"prompt": "And the earth", "max_tokens": 30, "temperature": 0, "stop": stops}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = sse(client.post("/v1/completions", json={**body, "stream": True}))
+    assert len(chunks) > 3
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+    deltas = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(deltas) == whole["text"] == greedy(engine, "And the earth", 30, stop=stops).text
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "text": "",
+        "logprobs": None,
+        "finish_reason": whole["finish_reason"],
+    }
+    assert whole["finish_reason"] == ("stop" if stop else "length")
+
+
+def test_streamed_chat_opens_with_the_role_and_closes_with_the_reason(client, engine):
+    expected = greedy(engine, "Who created the earth?", 16, chat=True)
+    body = {
+        "messages": [{"role": "user", "content": "Who created the earth?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected.text
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected.finish_reason == "length"
+
+
+def test_streamed_prompt_list_sends_each_completion_under_its_index(client, engine):
+    prompts = ["God", "Israel came"]
+    chunks = sse(
+        client.post(
+            "/v1/completions", json={"prompt": prompts, "max_tokens": 6, "temperature": 0, "stream": True}
+        )
+    )
+    for i, prompt in enumerate(prompts):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == greedy(engine, prompt, 6).text
+        assert mine[-1]["finish_reason"] == "length"
+
+
+def test_stop_sequences_and_max_tokens_set_the_finish_reason(client, engine):
+    full = greedy(engine, "In the beginning", 30)
+    stop = full.text[8:11]
+    body = {"prompt": "In the beginning", "max_tokens": 30, "temperature": 0}
+    for stops in (stop, ["zzzz", stop]):
+        [choice] = client.post("/v1/completions", json={**body, "stop": stops}).json()["choices"]
+        assert (choice["text"], choice["finish_reason"]) == (full.text[: full.text.index(stop)], "stop")
+    out = client.post("/v1/completions", json={**body, "max_tokens": 5}).json()
+    assert (out["choices"][0]["finish_reason"], out["usage"]["completion_tokens"]) == ("length", 5)
+
+
+def test_sampling_parameters_reach_the_engine(client, engine):
+    body = {"prompt": "God", "max_tokens": 16, "temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 7}
+    first = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    params = GenerationParams(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=7)
+    assert first == engine.generate(["God"], params, chat=False)[0].text
+    other = client.post("/v1/completions", json={**body, "seed": 8}).json()["choices"][0]["text"]
+    assert other != first
+
+
+def test_max_tokens_left_out_fills_the_context_up_to_the_limit(client, engine):
+    long_prompt = "In the beginning God created the heaven and the earth. " * 2
+    n = tokens(engine, long_prompt)
+    assert 0 < 64 - n < 32
+    out = client.post("/v1/completions", json={"prompt": long_prompt, "temperature": 0}).json()
+    assert out["usage"]["completion_tokens"] == greedy(engine, long_prompt, 64 - n).completion_tokens
+    out = client.post("/v1/completions", json={"prompt": "God", "temperature": 0}).json()
+    assert out["usage"]["completion_tokens"] == greedy(engine, "God", 32).completion_tokens
+
+
+def test_the_context_boundary_is_exact(client, engine):
+    prompt = "In the beginning God created the heaven and the earth. " * 2
+    room = 64 - tokens(engine, prompt)
+    assert room < LIMITS.max_tokens_limit  # so that room + 1 is refused for the context, not the limit
+    ok = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": room, "temperature": 0})
+    assert ok.status_code == 200
+    too_long = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": room + 1})
+    error = error_of(too_long, 400)
+    n = 64 - room
+    assert error["message"] == (
+        f"prompt of {n} tokens + max_tokens={room + 1} = 65 tokens: more than the model's context of 64 "
+        f"tokens (at most max_tokens={room})"
+    )
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+
+
+LONG = "In the beginning God created the heaven and the earth. " * 8
+
+
+@pytest.mark.parametrize(
+    "body, fragment, param",
+    [
+        ({}, "prompt: Field required", "prompt"),
+        (
+            {"prompt": "God", "max_tokens": 0},
+            "max_tokens=0: Input should be greater than or equal to 1",
+            "max_tokens",
+        ),
+        ({"prompt": "God", "max_tokens": -3}, "max_tokens=-3", "max_tokens"),
+        (
+            {"prompt": "God", "max_tokens": 33},
+            "max_tokens=33: more than this server's limit of 32",
+            "max_tokens",
+        ),
+        (
+            {"prompt": "God", "max_tokens": "5"},
+            "max_tokens='5': Input should be a valid integer",
+            "max_tokens",
+        ),
+        ({"prompt": "God", "max_tokens": 2.5}, "max_tokens=2.5", "max_tokens"),
+        (
+            {"prompt": "God", "temperature": -0.1},
+            "temperature=-0.1: Input should be greater than or equal to 0",
+            "temperature",
+        ),
+        ({"prompt": "God", "temperature": True}, "temperature=True", "temperature"),
+        ({"prompt": "God", "top_p": 0}, "top_p=0: Input should be greater than 0", "top_p"),
+        ({"prompt": "God", "top_p": 1.5}, "top_p=1.5: Input should be less than or equal to 1", "top_p"),
+        ({"prompt": "God", "top_k": -1}, "top_k=-1", "top_k"),
+        ({"prompt": "God", "seed": -1}, "seed=-1", "seed"),
+        ({"prompt": "God", "n": 2}, "n=2: only n=1 is supported", "n"),
+        ({"prompt": "God", "stream": "yes"}, "stream='yes'", "stream"),
+        ({"prompt": "God", "stop": 5}, "stop=5: expected a string or a list of strings", "stop"),
+        ({"prompt": "God", "stop": [""]}, "stop=['']: expected a list of non-empty strings", None),
+        ({"prompt": "God", "logprobs": 1}, "logprobs: unsupported parameter", "logprobs"),
+        ({"prompt": ""}, "prompt is empty", "prompt"),
+        ({"prompt": []}, "prompt is an empty list", "prompt"),
+        ({"prompt": ["God", ""]}, "prompt[1] is empty", "prompt"),
+        ({"prompt": 5}, "prompt=5: expected a string or a list of strings", "prompt"),
+        ({"prompt": [1, 2]}, "expected a string or a list of strings", "prompt"),
+        ({"prompt": ["a", "b", "c", "d"]}, "4 prompts: at most max_batch=3 per request", "prompt"),
+        ({"prompt": LONG}, "tokens: more than max_prompt_tokens=63", "prompt"),
+        ({"prompt": ["God", LONG]}, "prompt[1] has", "prompt"),
+    ],
+)
+def test_bad_completion_requests_are_400_with_a_message(client, body, fragment, param):
+    error = error_of(client.post("/v1/completions", json=body), 400)
+    assert fragment in error["message"]
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, fragment, param",
+    [
+        ({}, "messages: Field required", "messages"),
+        ({"messages": []}, "messages is empty", "messages"),
+        ({"messages": "hi"}, "messages='hi': Input should be a valid list", "messages"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "messages.0.role='tool': Input should be 'system', 'user' or 'assistant'",
+            "messages",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages.0.content: Field required", "messages"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content=3", "messages"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "max_completion_tokens": 5},
+            "disagree",
+            "max_completion_tokens",
+        ),
+        ({"messages": [{"role": "user", "content": LONG}]}, "messages has", "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p=2", "top_p"),
+    ],
+)
+def test_bad_chat_requests_are_400_with_a_message(client, body, fragment, param):
+    error = error_of(client.post("/v1/chat/completions", json=body), 400)
+    assert fragment in error["message"]
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"{not json", "invalid JSON: Expecting property name enclosed in double quotes at character 1"),
+        (b'{"prompt": "God",}', "invalid JSON: "),
+        (b'{"prompt": "God", "temperature": NaN}', "temperature=nan: Input should be a finite number"),
+        (b"", "request body: expected a JSON object"),
+        (b"[1, 2]", "request body: expected a JSON object"),
+    ],
+)
+def test_malformed_json_is_400(client, raw, message):
+    response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    error = error_of(response, 400)
+    assert error["message"].startswith(message)
+
+
+def test_unknown_model_is_404(client):
+    for path, body in (
+        ("/v1/completions", {"prompt": "God", "model": "gpt-4"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}),
+    ):
+        error = error_of(client.post(path, json=body), 404)
+        assert error["message"] == "model 'gpt-4' not found: this server serves 'tiny'"
+        assert (error["param"], error["code"]) == ("model", "model_not_found")
+
+
+def test_unknown_routes_and_methods_get_openai_error_bodies(client):
+    assert error_of(client.get("/v1/nope"), 404)["code"] == "not_found"
+    assert error_of(client.get("/v1/completions"), 405)["code"] == "method_not_allowed"
+
+
+def test_engine_input_errors_are_400(engine):
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, *args, **kwargs):
+            raise LmpipeError("prompt 0 has no tokens: expected at least one")
+
+    with TestClient(create_app(Refusing(), LIMITS)) as client:
+        error = error_of(client.post("/v1/completions", json={"prompt": "God"}), 400)
+    assert error["message"] == "prompt 0 has no tokens: expected at least one"
+
+
+def test_valid_requests_never_fail(client):
+    """A seeded fuzz over valid parameter combinations, both endpoints, streamed or not: all 200."""
+    rng = random.Random(0)
+    prompts = ["God", "In the beginning", "And the earth was without form", "é", " ", "\n\n", "<|end|>"]
+    options = {
+        "max_tokens": [1, 2, 7, 16, 32],
+        "temperature": [0, 0.01, 0.7, 1, 2.5, 100],
+        "top_p": [1e-9, 0.1, 0.5, 1],
+        "top_k": [0, 1, 5, 299, 5000],
+        "stop": ["e", [" ", "th"], [], None, "\ufffd", "a" * 40],
+        "seed": [None, 0, 2**70],
+        "stream": [False, True],
+        "model": ["tiny", None],
+    }
+    for i in range(24):
+        body = {key: rng.choice(values) for key, values in options.items() if rng.random() < 0.7}
+        if i % 2:
+            chosen = rng.sample(prompts, rng.randint(1, 3))
+            body["prompt"] = chosen[0] if len(chosen) == 1 else chosen
+            path = "/v1/completions"
+        else:
+            body["messages"] = [{"role": "user", "content": rng.choice(prompts)}]
+            path = "/v1/chat/completions"
+        response = client.post(path, json=body)
+        assert response.status_code == 200, (body, response.text)
+        if body.get("stream"):
+            chunks = sse(response)
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        else:
+            out = response.json()
+            assert all(c["finish_reason"] in ("stop", "length") for c in out["choices"])
+            assert out["usage"]["completion_tokens"] <= body.get("max_tokens", 32) * len(out["choices"])
+
+
+def test_one_generation_at_a_time_while_the_event_loop_stays_free(engine):
+    """A second request waits for the first's generation; a health check does not."""
+
+    class Gated:
+        def __init__(self):
+            self.active = self.most = self.calls = 0
+            self.started, self.release, self.guard = threading.Event(), threading.Event(), threading.Lock()
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, *args, **kwargs):
+            with self.guard:
+                self.active, self.calls = self.active + 1, self.calls + 1
+                self.most = max(self.most, self.active)
+            self.started.set()
+            self.release.wait(10)
+            try:
+                return engine.generate(*args, **kwargs)
+            finally:
+                with self.guard:
+                    self.active -= 1
+
+    gated = Gated()
+    body = {"prompt": "God", "max_tokens": 4, "temperature": 0}
+    results = []
+
+    def post():
+        results.append(client.post("/v1/completions", json=body))
+
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(2)]
+    with TestClient(create_app(gated, LIMITS)) as client:
+        threads[0].start()
+        try:
+            assert gated.started.wait(10)
+            started = time.perf_counter()
+            health = client.get("/health")  # while the generation blocks its thread
+            health_seconds = time.perf_counter() - started
+            threads[1].start()
+            time.sleep(0.3)
+            calls_while_busy = gated.calls
+        finally:  # let the generations finish before the client closes, whatever happened
+            gated.release.set()
+            for t in threads:
+                if t.ident is not None:
+                    t.join(30)
+    assert health.status_code == 200 and health_seconds < 5
+    assert calls_while_busy == 1  # the second request was queued on the lock, not in the engine
+    assert [r.status_code for r in results] == [200, 200]
+    assert results[0].json()["choices"] == results[1].json()["choices"]
+    assert (gated.calls, gated.most) == (2, 1)
+
+
+# --- a real server ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lmpipe_serve_runs_a_real_server(tiny, tmp_path):
+    export_dir, engine = tiny
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    command = [
+        sys.executable,
+        "-m",
+        "lmpipe.cli",
+        "serve",
+        "--model",
+        str(export_dir),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up within 60 s"
+            time.sleep(0.1)
+        expected = greedy(engine, "In the beginning", 12)
+        body = {"prompt": "In the beginning", "max_tokens": 12, "temperature": 0}
+        out = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+        assert out["choices"][0]["text"] == expected.text
+        deltas = []
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        deltas = [json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in lines[:-1]]
+        assert "".join(deltas) == expected.text
+    finally:
+        proc.terminate()  # SIGTERM to this PID: uvicorn shuts down gracefully
+        try:
+            returncode = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    # uvicorn shuts down, then re-raises the signal it caught, so the exit status says SIGTERM.
+    assert returncode in (0, -signal.SIGTERM), text
+    assert "Uvicorn running on" in text and "Finished server process" in text
