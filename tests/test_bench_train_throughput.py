@@ -26,6 +26,7 @@ def test_tiny_run_writes_consistent_results(tmp_path):
     out = tmp_path / "results" / "train_throughput.json"
     overrides = [
         "model=gpt-tiny",
+        "model.block_size=64",
         "pretrain.batch_size=2",
         f"paths.tokens={tmp_path / 'no-tokens'}",  # no meta.json there: the tokenizer config's size applies
         "tokenizer.vocab_size=256",

@@ -14,8 +14,20 @@ from lmpipe.training.pretrain import fingerprint, pretrain, resume_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# smoke experiment: gpt-tiny (block 64), batch 8; the tiny train shard is 13 such batches per epoch.
+# smoke experiment: gpt-tiny with its block cut to 64 (below), batch 8; the tiny train shard is 13 such batches per
+# epoch, so the resume tests below can stop mid-epoch.
 BATCH, BLOCK, EPOCH = 8, 64, 13
+
+
+@pytest.fixture
+def tiny_config(tiny_config):
+    """The shared tiny config with `model.block_size=BLOCK`, so that the token and epoch arithmetic here holds
+    whatever block size gpt-tiny has (it is sized for the instruction prompts of the sft tests)."""
+
+    def make(*overrides: str, root=None):
+        return tiny_config(f"model.block_size={BLOCK}", *overrides, root=root)
+
+    return make
 
 
 class Killed(Exception):
@@ -197,6 +209,7 @@ def test_ddp_stage_run_on_two_processes(tiny_overrides, tmp_path, conf_dir):
         sys.executable,
         "pipelines/pretrain.py",
         *tiny_overrides(),
+        f"model.block_size={BLOCK}",
         "trainer=ddp",
         "trainer.max_steps=10",
     ]
