@@ -7,6 +7,8 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PYTHONDONTWRITEBYTECODE := 1
+# DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup train test test-fast compare-sft lint params ui bench lock clean help
 comma := ,
@@ -52,8 +54,9 @@ params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make
 ui: setup  ## open the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 
-bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/
+bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --out bench/results/train_throughput.json
+	$(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) --out bench/results/inference.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.tmp

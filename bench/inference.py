@@ -247,7 +247,8 @@ def prepare(args, cfg, scratch: Path) -> Subject:
                 f"missing {model_dir / 'model.pt'}: run `make train` first, pass --model-dir, or use --random"
             )
         onnx_dir = _existing_export(args.onnx_dir, DEFAULT_ONNX)
-        int8_dir = _existing_export(args.int8_dir, DEFAULT_INT8)
+        # The pipeline's int8 export belongs with its fp32 one: a --onnx-dir of your own gets a fresh int8 copy.
+        int8_dir = _existing_export(args.int8_dir, DEFAULT_INT8 if args.onnx_dir is None else None)
     model, _ = load_model(model_dir / "model.pt")
     source = {"model_dir": str(model_dir), "random": args.random}
     if onnx_dir is None:
@@ -276,13 +277,13 @@ def prepare(args, cfg, scratch: Path) -> Subject:
     return Subject(model.float().eval(), onnx_dir, int8_dir, source)
 
 
-def _existing_export(given: Path | None, default: Path) -> Path | None:
+def _existing_export(given: Path | None, default: Path | None) -> Path | None:
     """The export directory to use: the one given (which must exist), else the default if present, else None."""
     if given is not None:
         if not (given / ONNX_FILE).is_file():
             raise LmpipeError(f"missing {given / ONNX_FILE}: expected an ONNX export directory")
         return given
-    return default if (default / ONNX_FILE).is_file() else None
+    return default if default is not None and (default / ONNX_FILE).is_file() else None
 
 
 def random_model_dir(cfg, path: Path, seed: int) -> Path:
@@ -380,7 +381,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model-dir", type=Path, default=DEFAULT_MODEL, help="model directory (default: %(default)s)"
     )
     p.add_argument("--onnx-dir", type=Path, help=f"its fp32 export (default: {DEFAULT_ONNX} if present)")
-    p.add_argument("--int8-dir", type=Path, help=f"its int8 export (default: {DEFAULT_INT8} if present)")
+    p.add_argument(
+        "--int8-dir",
+        type=Path,
+        help=f"its int8 export (default: {DEFAULT_INT8} if present and no --onnx-dir)",
+    )
     p.add_argument("--random", action="store_true", help="random weights of the conf/ model shape instead")
     p.add_argument(
         "--overrides", nargs="*", default=[], help="Hydra overrides for conf/, e.g. model=gpt-tiny"
