@@ -54,7 +54,7 @@ def main(cfg):
     from lmpipe.data.instructions import read_examples, read_label_sets, read_mc_jsonl
     from lmpipe.evaluation.benchmark import evaluate_tfidf, evaluate_variant, fitting
     from lmpipe.evaluation.report import markdown_table, model_row, ngram_baseline
-    from lmpipe.evaluation.speed import measure
+    from lmpipe.evaluation.speed import measure, torch_threads
     from lmpipe.evaluation.tasks import variant_table
     from lmpipe.evaluation.variants import load_variant
     from lmpipe.text_samples import format_samples, generate_samples
@@ -102,7 +102,8 @@ def main(cfg):
                 "mc_accuracy": tasks.get("mc", {}).get("accuracy"),
             }
             if ecfg.speed:
-                overview[name].update(measure(v.step, v.vocab_size, v.scorer.block_size, seed=cfg.seed))
+                with torch_threads(ecfg.threads):  # the same thread budget for PyTorch and ONNX Runtime
+                    overview[name].update(measure(v.step, v.vocab_size, v.scorer.block_size, seed=cfg.seed))
         lm_rows[f"kneser-ney {ngram['order']}-gram"] = ngram
 
         first = next(v for v in variants.values() if v.kind == "torch")

@@ -48,7 +48,11 @@ _PARITY_PREFILL_TOKENS = 16
 @dataclass
 class ExportConfig:
     models: dict[str, str] = field(
-        default_factory=lambda: {"teacher": "sft", "student": "student", "student-nodistill": "student-nodistill"}
+        default_factory=lambda: {
+            "teacher": "sft",
+            "student": "student",
+            "student-nodistill": "student-nodistill",
+        }
     )
     """ONNX variant name -> model directory under paths.models, each exported to <paths.onnx>/<variant>."""
     opset: int = 20

@@ -40,8 +40,9 @@ class EvaluateConfig:
     """Add the TF-IDF + logistic regression baseline on the label tasks."""
     speed: bool = True
     """Measure decode tokens/s (batch 1 and 8) and prefill latency (p50/p95) of every variant."""
-    threads: int = 0
-    """Threads for ONNX Runtime sessions (0 = its default); PyTorch uses its own setting."""
+    threads: int = 1
+    """Intra-op threads of every variant (ONNX Runtime sessions, and PyTorch while its speed is measured); 0 =
+    each runtime's default. One is fastest for these small models on 2 cores (int8 most of all)."""
 
     def __post_init__(self):
         if not self.variants:

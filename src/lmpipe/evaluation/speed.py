@@ -9,8 +9,9 @@ same run, not across runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -61,6 +62,20 @@ def measure(
     result["prefill_ms_p95"] = float(np.percentile(times, 95))
     result["prefill_tokens"] = prompt_tokens
     return result
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to `threads` (0 leaves them) for the duration, then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ort_step(engine) -> Step:
