@@ -1,0 +1,165 @@
+"""Every model variant side by side: the work of the `evaluate` stage, without its files or tracking.
+
+1. Language modelling: test-split perplexity and bits per byte of each variant against an interpolated
+   Kneser-Ney n-gram baseline on exactly the same tokens.
+2. Tasks (held-out instruction examples): classification metrics for the label tasks from the model's
+   probabilities over each label set, exact match of generated answers, word-overlap F1 on free text, and
+   multiple-choice accuracy by log-likelihood, beside a TF-IDF + logistic regression baseline.
+3. Cost: parameters, file size, decode tokens/s at batch 1 and 8, prefill latency p50/p95.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmpipe.data.instructions import read_examples, read_label_sets, read_mc_jsonl
+from lmpipe.evaluation.benchmark import evaluate_tfidf, evaluate_variant, fitting
+from lmpipe.evaluation.report import EvaluateConfig, markdown_table, model_row, ngram_baseline
+from lmpipe.evaluation.speed import measure, torch_threads
+from lmpipe.evaluation.tasks import variant_table
+from lmpipe.evaluation.variants import load_variant
+from lmpipe.text_samples import generate_samples
+from lmpipe.tokenizer import EOT
+
+LM_COLUMNS = ["test_ppl", "test_bpb", "test_nll_per_token", "parameters", "order"]
+TASK_COLUMNS = [
+    ("testament.accuracy", "testament acc"),
+    ("testament.roc_auc", "testament ROC AUC"),
+    ("testament.f1_macro", "testament F1 macro"),
+    ("testament.exact_match", "testament EM"),
+    ("book.accuracy", "book acc"),
+    ("book.f1_micro", "book F1 micro"),
+    ("book.f1_macro", "book F1 macro"),
+    ("book.f1_weighted", "book F1 weighted"),
+    ("book.roc_auc", "book ROC AUC (OvR)"),
+    ("book.cohen_kappa", "book kappa"),
+    ("book.exact_match", "book EM"),
+    ("continue.exact_match", "continue EM"),
+    ("continue.token_f1", "continue F1"),
+    ("mc.accuracy", "MC acc"),
+]
+OVERVIEW_COLUMNS = [
+    ("parameters", "parameters"),
+    ("file_mb", "file MB"),
+    ("test_ppl", "test ppl"),
+    ("book_f1_macro", "book F1 macro"),
+    ("testament_roc_auc", "testament AUC"),
+    ("mc_accuracy", "MC acc"),
+    ("decode_tok_s_b1", "decode tok/s b1"),
+    ("decode_tok_s_b8", "decode tok/s b8"),
+    ("prefill_ms_p50", "prefill ms p50"),
+    ("prefill_ms_p95", "prefill ms p95"),
+]
+
+
+@dataclass
+class Evaluation:
+    results: dict
+    """Everything measured (the stage's evaluate.json): lm, tasks, variants, skipped_too_long, ppl ratios."""
+    report: str
+    """The tables in markdown (evaluate.md)."""
+    samples: list
+    """Generated samples of the first PyTorch variant."""
+    confusion: dict[str, list[dict]]
+    """Task -> confusion rows (actual, predicted) of the fine-tuned variant (else the last one)."""
+
+
+def evaluate_all(
+    ecfg: EvaluateConfig,
+    tokens_dir: Path,
+    instructions_dir: Path,
+    seed: int,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Evaluation:
+    """Score every variant of `ecfg.variants` on the test split of `tokens_dir` and the held-out examples of
+    `instructions_dir`; `log` hears one line per variant with its time, since the whole takes minutes."""
+    variants = {v.name: v for v in (load_variant(d, ecfg.threads) for d in ecfg.variants)}
+    ngram = ngram_baseline(tokens_dir, list(ecfg.ngram_orders))
+    lm_rows = {
+        name: model_row(v.lm, tokens_dir, ecfg.batch_size, ecfg.stride) for name, v in variants.items()
+    }
+
+    task_rows, confusion, skipped = {}, {}, {}
+    if ecfg.tasks:
+        label_sets = read_label_sets(instructions_dir)
+        smallest = min(variants.values(), key=lambda v: v.scorer.block_size).scorer
+        test, mc_items, skipped = fitting(
+            read_examples(instructions_dir, "test"),
+            read_mc_jsonl(instructions_dir / "mc_test.jsonl"),
+            smallest,
+            label_sets,
+            ecfg.max_new_tokens,
+        )
+        for name, v in variants.items():
+            started = time.perf_counter()
+            task_rows[name], confusion[name] = evaluate_variant(
+                test, label_sets, mc_items, v.scorer, v.heads, ecfg.max_new_tokens
+            )
+            log(f"evaluate: tasks on {name} ({time.perf_counter() - started:.0f} s)")
+        if ecfg.tfidf:
+            task_rows["tf-idf + logistic regression"], _ = evaluate_tfidf(
+                read_examples(instructions_dir, "train"), test, label_sets, seed
+            )
+
+    overview = {}
+    for name, v in variants.items():
+        tasks = task_rows.get(name, {})
+        overview[name] = {
+            "parameters": lm_rows[name]["parameters"],
+            "file_mb": v.file_bytes / 2**20,
+            "test_ppl": lm_rows[name]["test_ppl"],
+            "book_f1_macro": tasks.get("book", {}).get("f1_macro"),
+            "testament_roc_auc": tasks.get("testament", {}).get("roc_auc"),
+            "mc_accuracy": tasks.get("mc", {}).get("accuracy"),
+        }
+        if ecfg.speed:
+            with torch_threads(ecfg.threads):  # the same thread budget for PyTorch and ONNX Runtime
+                overview[name].update(measure(v.step, v.vocab_size, v.scorer.block_size, seed=seed))
+    lm_rows[f"kneser-ney {ngram['order']}-gram"] = ngram
+
+    first = next(v for v in variants.values() if v.kind == "torch")
+    tokenizer = first.scorer.tokenizer
+    prompts = [ecfg.sample_prompts[i % len(ecfg.sample_prompts)] for i in range(ecfg.num_samples)]
+    samples = generate_samples(
+        first.lm, tokenizer, prompts, ecfg.sample_tokens, seed=seed, eot_id=tokenizer.token_to_id(EOT)
+    )
+
+    results = {
+        "lm": lm_rows,
+        "tasks": task_rows,
+        "variants": overview,
+        "skipped_too_long": skipped,
+        "ppl_ratio_vs_ngram": {k: v["test_ppl"] / ngram["test_ppl"] for k, v in lm_rows.items()},
+    }
+    report = "# Model variants\n\n" + variant_table(overview, OVERVIEW_COLUMNS)
+    report += "\n# Test-split language modelling\n\n" + markdown_table(lm_rows, LM_COLUMNS)
+    if task_rows:
+        report += (
+            "\n# Held-out instruction tasks\n\n"
+            + variant_table(task_rows, TASK_COLUMNS)
+            + _task_notes(task_rows, skipped)
+        )
+    finetuned = next((n for n in variants if n.startswith("sft-")), next(reversed(variants)))
+    return Evaluation(results, report, samples, confusion.get(finetuned, {}))
+
+
+def _task_notes(task_rows: dict, skipped: dict) -> str:
+    first = next(iter(task_rows.values()))
+    notes = "\nMacro averages and one-vs-rest ROC AUC are over the labels present in the test examples"
+    notes += (
+        f" ({first['book']['labels_evaluated']} of {first['book']['labels_total']} books)."
+        if "book" in first
+        else "."
+    )
+    mc = next((r["mc"] for r in task_rows.values() if "mc" in r), None)
+    if mc:
+        notes += (
+            f" Multiple choice ({mc['n']} questions): chance {mc['chance']:.3f}, always the most frequent "
+            f"answer letter {mc['majority_baseline']:.3f}."
+        )
+    if skipped:
+        notes += f" Left out as longer than the smallest context: {skipped}."
+    return notes + "\n"
