@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -46,6 +47,12 @@ def trainer_shaping(trainer: DictConfig) -> dict:
 def digest(shaping: dict) -> str:
     """A short, stable hash of plain data (the fingerprint of a run)."""
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a model's weights in the fingerprint of the stage that starts from it)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resume_checkpoint(ckpt_dir: Path, fp: str, may_reset: bool = True) -> str | None:
@@ -116,3 +123,16 @@ def build_trainer(
         default_root_dir=str(ckpt_dir),
         **step_validation,
     )
+
+
+def fit_resumable(
+    trainer: L.Trainer, module: L.LightningModule, datamodule, resume: str | None, ckpt_dir: Path
+) -> float:
+    """`trainer.fit` from the checkpoint `resume` (None: from scratch), then one more `last.ckpt`: the periodic
+    checkpoint is taken before the same step's validation, so only this one carries the complete loss history
+    that a re-run of a finished stage restores. Returns the seconds the fit took."""
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    seconds = time.perf_counter() - started
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    return seconds

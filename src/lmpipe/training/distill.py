@@ -42,9 +42,7 @@ pretraining; they hold the student only (the teacher is re-read from its model d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +67,8 @@ from lmpipe.training.checkpointing import (
     RngStateInCheckpoints,
     build_trainer,
     digest,
+    file_sha256,
+    fit_resumable,
     quiet_lightning,
     resume_checkpoint,
     trainer_shaping,
@@ -555,11 +555,6 @@ def fingerprint(
     return digest(shaping)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @dataclass
 class DistillResult:
     model: GPT
@@ -666,10 +661,7 @@ def distill(cfg: DictConfig, run=None) -> DistillResult | None:
         checkpoint_every_n_steps=dcfg.checkpoint_every_n_steps,
         logger=lightning_logger(run, cfg),
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    # As in pretraining: the periodic checkpoint precedes the same step's validation, so save once more.
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    train_seconds = fit_resumable(trainer, module, datamodule, resume, ckpt_dir)
     if not trainer.is_global_zero:
         return None
 
@@ -693,7 +685,7 @@ def distill(cfg: DictConfig, run=None) -> DistillResult | None:
         "train_loss": history.train[-1][1] if history.train else None,
         "val_loss": history.val[-1][1] if history.val else None,
         **{key: curve[-1][1] for key, curve in val_curves.curves.items() if curve},
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
         "resumed": resume is not None,
         "fit": diagnose_fit(history.train, history.val),
     }

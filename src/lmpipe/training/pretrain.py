@@ -9,7 +9,6 @@ never leak into a different experiment.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lmpipe.training.checkpointing import (
     RngStateInCheckpoints,
     build_trainer,
     digest,
+    fit_resumable,
     quiet_lightning,
     resume_checkpoint,
     trainer_shaping,
@@ -180,11 +180,7 @@ def pretrain(cfg: DictConfig, run=None) -> PretrainResult | None:
         checkpoint_every_n_steps=pcfg.checkpoint_every_n_steps,
         logger=lightning_logger(run, cfg),
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    # The periodic checkpoint is taken before the validation of the same step; save once more at the very end
-    # so a re-run of a finished stage restores the complete loss history too.
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    train_seconds = fit_resumable(trainer, module, datamodule, resume, ckpt_dir)
     if not trainer.is_global_zero:
         return None
 
@@ -204,7 +200,7 @@ def pretrain(cfg: DictConfig, run=None) -> PretrainResult | None:
         "tokens_per_sec": throughput.mean,
         "world_size": trainer.world_size,
         "parameters": model.num_parameters(),
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
         "resumed": resume is not None,
         "fit": diagnose_fit(history.train, history.val),
     }

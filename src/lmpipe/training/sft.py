@@ -18,9 +18,7 @@ The examples become right-padded batches drawn at random, reproducibly across a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,6 +42,8 @@ from lmpipe.training.checkpointing import (
     RngStateInCheckpoints,
     build_trainer,
     digest,
+    file_sha256,
+    fit_resumable,
     quiet_lightning,
     resume_checkpoint,
     trainer_shaping,
@@ -321,11 +321,6 @@ def fingerprint(
     return digest(shaping)
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @dataclass
 class SFTResult:
     model: GPT
@@ -442,10 +437,7 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
         checkpoint_every_n_steps=scfg.checkpoint_every_n_steps,
         logger=lightning_logger(run, cfg),
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    # As in pretraining: the periodic checkpoint precedes the same step's validation, so save once more.
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    train_seconds = fit_resumable(trainer, module, datamodule, resume, ckpt_dir)
     if not trainer.is_global_zero:
         return None
 
@@ -464,7 +456,7 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
         "trainable_fraction": trainable / total,
         "train_loss": history.train[-1][1] if history.train else None,
         "val_loss": history.val[-1][1] if history.val else None,
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
         "resumed": resume is not None,
         "fit": diagnose_fit(history.train, history.val),
     }
