@@ -5,58 +5,37 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto
+from tiny_models import export_tiny_model
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import tokenizer_config
 from lmpipe.compress import PruneConfig, QuantizeConfig, prune_model, quantize_onnx
 from lmpipe.errors import LmpipeError
-from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
-from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
+from lmpipe.model import GPT, GPTConfig
 
-SENTENCES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "Now these are the names of the children of Israel, which came into Egypt.",
-] * 3
 VOCAB, N_EMBD = 512, 128
-
-
-def make_model_dir(path, seed: int) -> GPT:
-    """A small GPT (vocab 512, width 128: big enough that int8 weights dominate the file) with weights drawn
-    at std 0.1, so its predictions depend on the context, saved with a tokenizer."""
-    path.mkdir(parents=True)
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
-    save_tokenizer(tok, path / "tokenizer.json")
-    write_json(path / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=VOCAB,
-        block_size=64,
-        n_layer=2,
-        n_head=4,
-        n_embd=N_EMBD,
-        dropout=0.0,
-        pos_encoding="rotary",
-        mlp_ratio=2,  # an MLP width other than VOCAB, so the tied matrix is the only one of its shape
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    save_checkpoint(path / "model.pt", model, {"stage": "test"})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(root, fp32 export dir), exported once for the module."""
     root = tmp_path_factory.mktemp("compress")
-    make_model_dir(root / "model", seed=0)
-    export_onnx(root / "model", root / "onnx" / "tiny", ExportConfig(parity_decode_steps=2), 0, "tiny")
+    # A small GPT (vocab 512, width 128: big enough that int8 weights dominate the file) with weights drawn
+    # at std 0.1, so its predictions depend on the context.
+    export_tiny_model(
+        root,
+        root / "onnx" / "tiny",
+        ExportConfig(parity_decode_steps=2),
+        variant_name="tiny",
+        pos_encoding="rotary",
+        seed=0,
+        std=0.1,
+        vocab_size=VOCAB,
+        n_head=4,
+        n_embd=N_EMBD,
+        mlp_ratio=2,  # an MLP width other than VOCAB, so the tied matrix is the only one of its shape
+    )
     return root, root / "onnx" / "tiny"
 
 

@@ -1,15 +1,12 @@
 import numpy as np
 import pytest
-import torch
+from tiny_models import export_tiny_model
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import CHAT_TEMPLATE, tokenizer_config
+from lmpipe.chat import CHAT_TEMPLATE
 from lmpipe.evaluation.ort_scorer import OrtScorer
 from lmpipe.evaluation.scoring import TorchScorer
-from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
-from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
 
 SENTENCES = [
     "In the beginning God created the heaven and the earth.",
@@ -20,37 +17,18 @@ PROMPTS = ["Which book is this verse from? In the beginning", "Old or New Testam
 LABELS = ["Genesis", "Exodus", "Leviticus", "Numbers", "Gen"]
 
 
-def make_model_dir(path, tok, pos_encoding: str, seed: int) -> GPT:
-    """A tiny GPT with weights drawn at std 0.3 (so its predictions depend on the context) saved with `tok`."""
-    path.mkdir(parents=True)
-    save_tokenizer(tok, path / "tokenizer.json")
-    write_json(path / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=tok.get_vocab_size(),
-        block_size=64,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        dropout=0.0,
-        pos_encoding=pos_encoding,
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(path / "model.pt", model, {"stage": "test"})
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
     """(TorchScorer, OrtScorer) over the same tiny GPT (sinusoidal positions), exported once for the module."""
     root = tmp_path_factory.mktemp("ort_scorer")
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
-    model = make_model_dir(root / "model", tok, "sinusoidal", seed=1)
-    export_onnx(root / "model", root / "onnx", ExportConfig(parity_decode_steps=2), seed=0)
+    tok, model = export_tiny_model(
+        root,
+        root / "onnx",
+        ExportConfig(parity_decode_steps=2),
+        sentences=SENTENCES,
+        pos_encoding="sinusoidal",
+        seed=1,
+    )
     return TorchScorer(model, tok, CHAT_TEMPLATE), OrtScorer(OrtEngine(root / "onnx", threads=1))
 
 

@@ -3,12 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config, tiny_tokenizer
 
 from lmpipe.chat import CHAT_TEMPLATE, prompt_text
 from lmpipe.errors import LmpipeError
 from lmpipe.evaluation.scoring import Scorer, TorchScorer, parse_answer
-from lmpipe.model import GPT, GPTConfig
-from lmpipe.tokenizer import ASSISTANT, END, EOT, TokenizerConfig, train_tokenizer
+from lmpipe.model import GPT
+from lmpipe.tokenizer import ASSISTANT, END, EOT
 
 SENTENCES = [
     "In the beginning God created the heaven and the earth.",
@@ -21,7 +22,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
+    return tiny_tokenizer(SENTENCES)
 
 
 class PlantedScorer(Scorer):
@@ -137,17 +138,7 @@ def test_parse_answer():
 
 def tiny_gpt(vocab_size: int, pos_encoding: str = "learned") -> GPT:
     torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(
-            vocab_size=vocab_size,
-            block_size=64,
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            dropout=0.0,
-            pos_encoding=pos_encoding,
-        )
-    )
+    model = GPT(tiny_config(vocab_size, pos_encoding))
     with torch.no_grad():  # larger logits than at init, so an off-by-one position shows in the scores
         model.wte.weight.mul_(20)
     return model.eval()

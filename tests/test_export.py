@@ -5,60 +5,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_models import make_model_dir, tiny_tokenizer
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import tokenizer_config
 from lmpipe.errors import LmpipeError
 from lmpipe.export import ExportConfig, export_onnx, io_names
 from lmpipe.inference.engine import OrtEngine
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
-from lmpipe.tokenizer import (
-    END,
-    EOT,
-    PAD,
-    TOKENIZER_CONFIG_FILE,
-    TokenizerConfig,
-    save_tokenizer,
-    train_tokenizer,
-)
+from lmpipe.tokenizer import END, EOT, PAD
 
-SENTENCES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "Now these are the names of the children of Israel, which came into Egypt.",
-] * 3
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
-
-
-def make_model_dir(path, tok, pos_encoding: str, seed: int) -> GPT:
-    """A tiny GPT with weights drawn at std 0.3 (so its predictions depend on the context) saved with `tok`."""
-    path.mkdir(parents=True)
-    save_tokenizer(tok, path / "tokenizer.json")
-    write_json(path / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=tok.get_vocab_size(),
-        block_size=64,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        dropout=0.0,
-        pos_encoding=pos_encoding,
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(path / "model.pt", model, {"stage": "test"})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """{pos_encoding: (model, model_dir, export_dir, report)}, each exported once for the whole module."""
     root = tmp_path_factory.mktemp("export")
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
+    tok = tiny_tokenizer()
     out = {}
     for i, pe in enumerate(POS_ENCODINGS):
         model = make_model_dir(root / pe, tok, pe, seed=i)

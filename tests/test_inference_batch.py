@@ -6,18 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
+from tiny_models import export_tiny_model
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import tokenizer_config
 from lmpipe.errors import LmpipeError
-from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.export import ExportConfig
 from lmpipe.inference.batch import InferConfig, read_prompts, run_batch
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
-from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = [
@@ -31,22 +27,12 @@ PROMPTS = ["In the beginning", "And the earth was", "God", "darkness upon", "the
 def onnx_dir(tmp_path_factory):
     """A tiny GPT (weights at std 0.3, so its output depends on the prompt) exported to <tmp>/onnx/tiny."""
     root = tmp_path_factory.mktemp("batch")
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
-    (root / "model").mkdir()
-    save_tokenizer(tok, root / "model" / "tokenizer.json")
-    write_json(root / "model" / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=tok.get_vocab_size(), block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(root / "model" / "model.pt", model, {"stage": "test"})
-    export_onnx(
-        root / "model", root / "onnx" / "tiny", ExportConfig(parity_decode_steps=1, parity_batch=1), seed=0
+    export_tiny_model(
+        root,
+        root / "onnx" / "tiny",
+        ExportConfig(parity_decode_steps=1, parity_batch=1),
+        sentences=SENTENCES,
+        n_layer=1,
     )
     return root / "onnx" / "tiny"
 

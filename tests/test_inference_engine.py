@@ -5,46 +5,14 @@ import sys
 
 import pytest
 import torch
+from tiny_models import export_tiny_model
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import tokenizer_config
 from lmpipe.errors import LmpipeError
-from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine, _stable_length
 from lmpipe.inference.sampling import GenerationParams
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
-from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
 
-SENTENCES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "Now these are the names of the children of Israel, which came into Egypt.",
-] * 3
 PROMPTS = ["In the beginning", "And the earth was without form, and void; and", "God", "Israel came"]
-
-
-def make_model_dir(path, tok, pos_encoding: str, seed: int) -> GPT:
-    """A tiny GPT with weights drawn at std 0.3 (so its predictions depend on the context) saved with `tok`."""
-    path.mkdir(parents=True)
-    save_tokenizer(tok, path / "tokenizer.json")
-    write_json(path / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=tok.get_vocab_size(),
-        block_size=64,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        dropout=0.0,
-        pos_encoding=pos_encoding,
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(path / "model.pt", model, {"stage": "test"})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +20,13 @@ def exported(tmp_path_factory):
     """(torch model, export directory, engine) of a tiny GPT, exported once for the module. Learned positions:
     rotary attention only sees relative positions, so it would hide a wrong offset in left-padded rows."""
     root = tmp_path_factory.mktemp("engine")
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
-    model = make_model_dir(root / "model", tok, "learned", seed=0)
-    export_onnx(
-        root / "model", root / "onnx", ExportConfig(parity_decode_steps=2), seed=0, variant_name="tiny"
+    _, model = export_tiny_model(
+        root,
+        root / "onnx",
+        ExportConfig(parity_decode_steps=2),
+        variant_name="tiny",
+        pos_encoding="learned",
+        seed=0,
     )
     return model, root / "onnx", OrtEngine(root / "onnx", threads=1)
 

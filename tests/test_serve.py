@@ -12,24 +12,16 @@ import types
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
+from tiny_models import export_tiny_model
 
-from lmpipe.atomic import write_json
-from lmpipe.chat import render, tokenizer_config
+from lmpipe.chat import render
 from lmpipe.errors import LmpipeError
-from lmpipe.export import ExportConfig, export_onnx
+from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
-from lmpipe.model import GPT, GPTConfig, save_checkpoint
 from lmpipe.serve import ServeConfig, create_app, resolve_model
-from lmpipe.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerConfig, save_tokenizer, train_tokenizer
 
-SENTENCES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "Now these are the names of the children of Israel, which came into Egypt.",
-] * 3
 LIMITS = ServeConfig(max_tokens_limit=32, max_batch=3)
 """The server's limits in these tests: the tiny model's block_size is 64, so max_prompt_tokens is 63."""
 
@@ -38,22 +30,7 @@ LIMITS = ServeConfig(max_tokens_limit=32, max_batch=3)
 def tiny(tmp_path_factory):
     """(export directory, engine) of a tiny random GPT (block_size 64), exported to ONNX once per module."""
     root = tmp_path_factory.mktemp("serve")
-    model_dir = root / "model"
-    model_dir.mkdir()
-    tok = train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300))
-    save_tokenizer(tok, model_dir / "tokenizer.json")
-    write_json(model_dir / TOKENIZER_CONFIG_FILE, tokenizer_config())
-    cfg = GPTConfig(
-        vocab_size=tok.get_vocab_size(), block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0
-    )
-    model = GPT(cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # std 0.3: outputs depend on the context, unlike a freshly initialised model's
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_checkpoint(model_dir / "model.pt", model, {"stage": "test"})
-    export_onnx(model_dir, root / "onnx", ExportConfig(parity_decode_steps=2), seed=0, variant_name="tiny")
+    export_tiny_model(root, root / "onnx", ExportConfig(parity_decode_steps=2), variant_name="tiny")
     return root / "onnx", OrtEngine(root / "onnx", threads=1)
 
 
