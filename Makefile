@@ -56,7 +56,8 @@ ui: setup  ## open the MLflow UI on http://127.0.0.1:5000
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --out bench/results/train_throughput.json
-	$(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) --out bench/results/inference.json
+	for t in 1 2; do $(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) \
+	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.tmp
