@@ -105,10 +105,11 @@ class DistillConfig:
     """The student's GPT config fields except vocab_size (unset fields take the GPT defaults)."""
     teacher: str = "sft"
     """Teacher model directory under paths.models, or none to train the student without one (ablation)."""
-    temperature: float = 2.0
+    temperature: float = 1.0
     """Softmax temperature T of both models' distributions in the soft-target term (scaled by T^2)."""
-    alpha: float = 0.5
-    """Weight of the soft-target KL term; 1 - alpha weighs the hard cross-entropy (0 without teacher)."""
+    alpha: float = 1.0
+    """Weight of the soft-target KL term; 1 - alpha weighs the hard cross-entropy (0 without teacher). On the
+    default run, book macro-F1 of the student was 0.044 at alpha 0.5 / T 2, 0.079 at 0.9 / 1, 0.086 at 1 / 1."""
     max_steps: int = 600
     """Optimizer steps of distillation (replaces trainer.max_steps)."""
     batch_size: int = 32
