@@ -86,7 +86,31 @@ class ContiguousWindows(Dataset):
         return row[:-1], row[1:]
 
 
-class TokenDataModule(L.LightningDataModule):
+class ResumableBatches:
+    """Mixin for the data modules whose training batches are one deterministic stream from `self.seed`: every
+    checkpoint records how many batches were consumed, and a resumed run starts the stream there
+    (`self._start_batch`), so it sees the batches an uninterrupted run would have seen."""
+
+    _start_batch: int = 0
+
+    def _own_generator(self) -> torch.Generator:
+        # Every iterator a DataLoader starts draws a base seed from its generator, by default the global torch
+        # RNG that dropout uses. A resumed run starts iterators at other moments than an uninterrupted one
+        # (Lightning skips the validation it finds already done), so those draws would shift the dropout
+        # masks that the checkpointed RNG state is meant to reproduce; a loader-owned generator keeps the
+        # global RNG for the model alone.
+        return torch.Generator().manual_seed(self.seed)
+
+    # Saved inside every Lightning checkpoint: how far through the batch stream training got.
+    def state_dict(self) -> dict:
+        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+        return {"consumed_batches": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._start_batch = int(state.get("consumed_batches", 0))
+
+
+class TokenDataModule(ResumableBatches, L.LightningDataModule):
     """Random training windows and fixed validation windows from `<tokens_dir>/{train,val}.bin`."""
 
     def __init__(self, tokens_dir: str | Path, block_size: int, batch_size: int, seed: int):
@@ -123,19 +147,3 @@ class TokenDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         dataset = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=self._own_generator())
-
-    def _own_generator(self) -> torch.Generator:
-        # Every iterator a DataLoader starts draws a base seed from its generator, by default the global torch
-        # RNG that dropout uses. A resumed run starts iterators at other moments than an uninterrupted one
-        # (Lightning skips the validation it finds already done), so those draws would shift the dropout
-        # masks that the checkpointed RNG state is meant to reproduce; a loader-owned generator keeps the
-        # global RNG for the model alone.
-        return torch.Generator().manual_seed(self.seed)
-
-    # Saved inside every Lightning checkpoint: how far through the window stream training got.
-    def state_dict(self) -> dict:
-        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        return {"consumed_batches": consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._start_batch = int(state.get("consumed_batches", 0))

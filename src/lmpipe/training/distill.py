@@ -73,7 +73,7 @@ from lmpipe.training.checkpointing import (
     resume_checkpoint,
     trainer_shaping,
 )
-from lmpipe.training.datamodules import ContiguousWindows, RandomWindows
+from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, ResumableBatches
 from lmpipe.training.fit_diagnosis import diagnose_fit
 from lmpipe.training.optim import OptimizerConfig, build_optimizer, l1_penalty, warmup_cosine
 from lmpipe.training.sft_data import (
@@ -319,7 +319,7 @@ class MixedValidation(Dataset):
         return parts
 
 
-class DistillDataModule(L.LightningDataModule):
+class DistillDataModule(ResumableBatches, L.LightningDataModule):
     """Mixed training batches (resumable) and fixed mixed validation batches."""
 
     def __init__(
@@ -389,18 +389,6 @@ class DistillDataModule(L.LightningDataModule):
     def _validation(self) -> MixedValidation:
         windows = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)
         return MixedValidation(windows, self.val_rows, self.n_lm, self.n_sft, self.pad_id)
-
-    def _own_generator(self) -> torch.Generator:
-        # Keeps the global torch RNG for dropout alone (see TokenDataModule._own_generator).
-        return torch.Generator().manual_seed(self.seed)
-
-    # Saved inside every Lightning checkpoint: how far through the batch stream training got.
-    def state_dict(self) -> dict:
-        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        return {"consumed_batches": consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._start_batch = int(state.get("consumed_batches", 0))
 
 
 # --- Lightning module and callbacks ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from lmpipe.training.checkpointing import (
     resume_checkpoint,
     trainer_shaping,
 )
+from lmpipe.training.datamodules import ResumableBatches
 from lmpipe.training.fit_diagnosis import diagnose_fit
 from lmpipe.training.heads import ClassificationHeads, HeadClassifier, last_prompt_hidden, prompt_features
 from lmpipe.training.lora import apply_lora, merge_lora
@@ -151,7 +152,7 @@ class SFTConfig:
 # --- Lightning data module and module ----------------------------------------------------------------------
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ResumableBatches, L.LightningDataModule):
     """Random training batches of encoded examples and fixed validation batches; resumable.
 
     The validation examples are put in one seeded random order, the same at every check: the examples come
@@ -193,18 +194,6 @@ class SFTDataModule(L.LightningDataModule):
             collate_fn=partial(collate, pad_id=self.pad_id),
             generator=self._own_generator(),
         )
-
-    def _own_generator(self) -> torch.Generator:
-        # Keeps the global torch RNG for dropout alone (see TokenDataModule._own_generator).
-        return torch.Generator().manual_seed(self.seed)
-
-    # Saved inside every Lightning checkpoint: how far through the batch stream training got.
-    def state_dict(self) -> dict:
-        consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        return {"consumed_batches": consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._start_batch = int(state.get("consumed_batches", 0))
 
 
 class LitSFT(RngStateInCheckpoints, L.LightningModule):
