@@ -9,6 +9,11 @@ Two ways in, one result:
 Each config section names its schema with `_target_` (a dataclass whose fields carry one-line docstrings, or a
 class such as Lightning's Trainer). `build()` turns a section into that object with `hydra.utils.instantiate`,
 and `check()` rejects keys the schema does not know, so a typo is an error rather than a silent default.
+
+A schema is declared with `@schema("section")`: a pydantic dataclass, so types and bounds are declared beside
+each field (`Annotated[int, Field(ge=1)]`, `Literal[...]`) instead of checked by hand, and every violation
+becomes one `LmpipeError` line naming the field, the value and what is expected. Checks that involve several
+fields stay in `__post_init__`, which runs after pydantic's own.
 """
 
 from __future__ import annotations
@@ -22,15 +27,60 @@ import os
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.errors import LmpipeError
 
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 CONF_DIR = Path("conf")
 CONFIG_NAME = "config"
 PARAMS_FILE = Path("params.yaml")
+
+
+def schema(section: str):
+    """Class decorator: a config section's schema, a pydantic-validated dataclass whose errors are one line.
+
+    Strict types (no bool for an int, no "3" for a number; an int is fine for a float), unknown keys refused.
+    """
+    import pydantic
+    from pydantic import ConfigDict
+
+    def wrap(cls: type) -> type:
+        cls = pydantic.dataclasses.dataclass(
+            cls, config=ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
+        )
+        validate_init = cls.__init__
+
+        @functools.wraps(validate_init)
+        def __init__(self, *args, **kwargs):
+            try:
+                validate_init(self, *args, **kwargs)
+            except pydantic.ValidationError as exc:
+                raise LmpipeError(validation_message(exc, section)) from None
+
+        cls.__init__ = __init__
+        cls.__lmpipe_section__ = section
+        return cls
+
+    return wrap
+
+
+def validation_message(exc: ValidationError, section: str) -> str:
+    """pydantic's first error as `section.field=value: expected ...` (one line)."""
+    error = exc.errors(include_url=False)[0]
+    name = ".".join(str(part) for part in (section, *error["loc"]) if part != "")
+    if error["type"] == "missing":
+        return f"{name}: missing; expected a value"
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"{name}: unknown field"
+    expected = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    if expected.startswith(("greater", "less")):
+        expected = "a value " + expected
+    return f"{name}={error.get('input')!r}: expected {expected}"
 
 
 def compose(overrides: Sequence[str] = (), conf_dir: str | os.PathLike = CONF_DIR) -> DictConfig:
