@@ -7,10 +7,10 @@ Outs: <paths.instructions>/{train,val,test}.jsonl, labels.json, stats.json, mc_t
 from pathlib import Path
 
 from lmpipe import config, tracking
+from lmpipe.formats import MC_FILE
 from lmpipe.stage import run_stage
 
 SECTIONS = ("seed", "paths", "instructions", "logger")
-MC_FILE = "mc_test.jsonl"
 
 
 def main(cfg):

@@ -1,9 +1,12 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
 from lmpipe import chat
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import TOKENIZER_CONFIG_FILE
 from lmpipe.tokenizer import TokenizerConfig, copy_tokenizer, train_tokenizer, write_shards
 
 
@@ -28,7 +31,7 @@ def test_template_travels_with_the_tokenizer(tmp_path):
     copy_tokenizer(tmp_path / "tokens", tmp_path / "model")
     template = chat.load_chat_template(tmp_path / "model")
     assert template == chat.CHAT_TEMPLATE
-    config = json.loads((tmp_path / "model" / chat.TOKENIZER_CONFIG_FILE).read_text())
+    config = json.loads((tmp_path / "model" / TOKENIZER_CONFIG_FILE).read_text())
     assert config["eos_token"] == "<|end|>" and config["pad_token"] == "<|pad|>"
 
 
@@ -37,3 +40,9 @@ def test_missing_template_names_the_file(tmp_path):
         chat.load_chat_template(tmp_path)
     with pytest.raises(LmpipeError, match="tokenize"):
         copy_tokenizer(tmp_path, tmp_path / "elsewhere")
+
+
+def test_chat_takes_the_special_tokens_from_formats_not_from_the_tokenizer():
+    # The tokenizer writes the chat template, so chat importing the tokenizer back would be a cycle.
+    code = "import sys, lmpipe.chat; sys.exit('lmpipe.tokenizer' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

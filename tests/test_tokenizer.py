@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import EOT, PAD, SPECIAL_TOKENS, UNK
 from lmpipe.tokenizer import (
-    EOT,
-    PAD,
-    SPECIAL_TOKENS,
-    UNK,
     TokenizerConfig,
     encode_documents,
     load_tokenizer,
@@ -170,6 +167,17 @@ def test_encode_documents_separates_with_eot(bpe):
     assert ids.dtype == np.uint16
     assert ids.tolist() == expected
     assert encode_documents(bpe, [], show_progress=False).tolist() == []
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_documents_keep_their_edge_whitespace_between_separators(kind, bpe, char):
+    tok = bpe if kind == "bpe" else char
+    docs = ["  indented first line\n", "\n\nafter empty lines  \n\n", "def f():\n    return  1\n"]
+    ids = encode_documents(tok, docs, show_progress=False).tolist()
+    eot = tok.token_to_id(EOT)
+    ends = [i for i, token in enumerate(ids) if token == eot]
+    decoded = [tok.decode(ids[start + 1 : end]) for start, end in zip([-1, *ends], ends, strict=False)]
+    assert decoded == docs
 
 
 def test_encode_documents_spans_several_chunks(char):

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from lmpipe.errors import LmpipeError
-from lmpipe.tokenizer import ASSISTANT, END, EOT, PAD, SYSTEM, TOKENIZER_CONFIG_FILE, USER
+from lmpipe.formats import ASSISTANT, END, EOT, PAD, SYSTEM, TOKENIZER_CONFIG_FILE, USER
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -21,73 +21,57 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmpipe.atomic import atomic_path, write_json
+from lmpipe.chat import tokenizer_config
+from lmpipe.config import schema
 from lmpipe.errors import LmpipeError
 
-EOT = "<|endoftext|>"
-"""Separates documents in the token stream (and ends a generated text)."""
-PAD = "<|pad|>"
-"""Fills batches of unequal length; never a prediction target."""
-SYSTEM = "<|system|>"
-"""Opens the system message of a chat."""
-USER = "<|user|>"
-"""Opens a user turn of a chat."""
-ASSISTANT = "<|assistant|>"
-"""Opens an assistant turn of a chat."""
-END = "<|end|>"
-"""Ends one chat turn."""
-SPECIAL_TOKENS = (EOT, PAD, SYSTEM, USER, ASSISTANT, END)
-"""Reserved at ids 0..5 in this order, in every tokenizer."""
-UNK = "<|unk|>"
-"""Char tokenizer only: stands for a character not seen in training (id 6)."""
+# ASSISTANT and END are re-exported for modules that imported them from here before lmpipe.formats existed.
+from lmpipe.formats import (  # noqa: F401
+    ASSISTANT,
+    END,
+    EOT,
+    META_FILE,
+    PAD,
+    SPECIAL_TOKENS,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    UNK,
+    shard_file,
+)
 
-KINDS = ("bpe", "char")
-TOKENIZER_FILE = "tokenizer.json"
-"""Name of the tokenizer inside a shard directory (and inside every model directory)."""
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-"""Beside the tokenizer: the chat template and special-token roles (see lmpipe.chat)."""
 _BYTE_ALPHABET_SIZE = 256
 # Documents per encode_batch call: large enough for the Rust side to parallelise, small enough to keep
 # memory flat and the progress bar moving.
 _ENCODE_CHUNK_DOCS = 1024
 
 
-@dataclass
+@schema("tokenizer")
 class TokenizerConfig:
-    kind: str = "bpe"
+    kind: Literal["bpe", "char"] = "bpe"
     """Tokenizer type: bpe (byte-level BPE) or char (one token per character seen in training)."""
     vocab_size: int = 4096
     """Maximum vocabulary size including special tokens (BPE may stop short on a small corpus)."""
-    min_frequency: int = 2
+    min_frequency: Annotated[int, Field(ge=1)] = 2
     """BPE only: a pair must occur at least this often to be merged."""
     lowercase: bool = False
     """Lowercase all text before tokenizing (decode then returns lowercase text)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise LmpipeError(f"tokenizer.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
         # BPE keeps the whole byte alphabet whatever vocab_size says, so a smaller maximum could not hold.
         least = len(SPECIAL_TOKENS) + (_BYTE_ALPHABET_SIZE if self.kind == "bpe" else 2)
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
-            raise LmpipeError(f"tokenizer.vocab_size={self.vocab_size!r}: expected an integer")
         if not least <= self.vocab_size <= 2**32:
             raise LmpipeError(
                 f"tokenizer.vocab_size={self.vocab_size}: expected {least} <= vocab_size <= 2**32 "
                 f"for kind={self.kind}"
             )
-        if isinstance(self.min_frequency, bool) or not isinstance(self.min_frequency, int):
-            raise LmpipeError(f"tokenizer.min_frequency={self.min_frequency!r}: expected an integer")
-        if self.min_frequency < 1:
-            raise LmpipeError(f"tokenizer.min_frequency={self.min_frequency}: expected an integer >= 1")
-        if not isinstance(self.lowercase, bool):
-            raise LmpipeError(f"tokenizer.lowercase={self.lowercase!r}: expected true or false")
 
 
 def _stderr_is_tty() -> bool:
@@ -294,26 +278,24 @@ def write_shards(
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER_FILE))
         # The chat template travels with the tokenizer, so every later stage formats prompts identically.
-        from lmpipe.chat import tokenizer_config
-
         write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config())
         for split, docs in splits.items():
             counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
             # Stream chunk by chunk so a large split never sits in memory as one array.
-            with open(tmp / f"{split}.bin", "wb") as f:
+            with open(tmp / shard_file(split), "wb") as f:
                 for ids, n_docs, n_bytes in _encoded_chunks(tok, docs, show_progress, desc=split):
                     f.write(ids.tobytes())
                     counts["n_tokens"] += len(ids)
                     counts["n_docs"] += n_docs
                     counts["n_bytes"] += n_bytes
             meta["splits"][split] = counts
-        write_json(tmp / "meta.json", meta)
+        write_json(tmp / META_FILE, meta)
     return meta
 
 
 def read_meta(shard_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``meta.json`` of a shard directory written by `write_shards`."""
-    path = Path(shard_dir) / "meta.json"
+    path = Path(shard_dir) / META_FILE
     if not path.is_file():
         raise LmpipeError(f"missing shard metadata {path}: run the tokenize stage first (dvc repro tokenize)")
     try:
@@ -325,7 +307,7 @@ def read_meta(shard_dir: str | os.PathLike) -> dict[str, Any]:
 def read_shard(shard_dir: str | os.PathLike, split: str) -> np.memmap:
     """Memory-map ``<split>.bin`` read-only, with the dtype recorded in ``meta.json``."""
     meta = read_meta(shard_dir)
-    path = Path(shard_dir) / f"{split}.bin"
+    path = Path(shard_dir) / shard_file(split)
     if split not in meta["splits"] or not path.is_file():
         known = ", ".join(meta["splits"]) or "none"
         raise LmpipeError(f"missing shard {path}: expected one of the splits in meta.json ({known})")

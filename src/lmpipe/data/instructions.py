@@ -26,22 +26,25 @@ import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from lmpipe.atomic import atomic_path
 from lmpipe.chat import prompt_text
+from lmpipe.config import schema
 from lmpipe.data.sources import read_utf8
 from lmpipe.data.splits import SPLITS
 from lmpipe.errors import LmpipeError
-from lmpipe.tokenizer import END
+from lmpipe.formats import END, IGNORE_INDEX, INSTRUCTION_STATS_FILE, LABELS_FILE, split_file
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-TASKS = ("testament", "book", "continue")
+Task = Literal["testament", "book", "continue"]
+TASKS = get_args(Task)
 """Tasks built from the corpus."""
 LABEL_TASKS = ("testament", "book")
 """Tasks whose response is one of a fixed set of labels (classification)."""
@@ -58,10 +61,6 @@ MC_SUBJECT = "bible_book"
 
 EXAMPLE_COLUMNS = ("id", "task", "prompt", "response", "label", "split", "doc_id")
 """Columns of an instruction-example DataFrame, in order."""
-IGNORE_INDEX = -100
-"""Label of a token the loss ignores (PyTorch's cross-entropy default)."""
-LABELS_FILE = "labels.json"
-STATS_FILE = "stats.json"
 ROLES = ("system", "user", "assistant")
 
 # A word boundary for the continue task: one space between two non-space characters, so that
@@ -71,64 +70,40 @@ _LAST_WORD_BOUNDARY = re.compile(r".*(?<=\S) (?=\S)", re.DOTALL)
 _LETTERS = string.ascii_uppercase
 
 
-@dataclass
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Count = Annotated[int, Field(ge=0)]
+
+
+@schema("instructions")
 class InstructionConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[Task] = field(default_factory=lambda: list(TASKS))
     """Tasks built from the corpus: testament and book (KJV only), continue (any corpus)."""
     jsonl: str = ""
     """Optional JSONL of {prompt, response} or {messages} records that replaces the built tasks."""
-    val_fraction: float = 0.05
+    val_fraction: Fraction = 0.05
     """For jsonl: fraction of records held out for validation (by a seeded hash of id or line)."""
-    test_fraction: float = 0.05
+    test_fraction: Fraction = 0.05
     """For jsonl: fraction of records held out for testing (by a seeded hash of id or line)."""
-    eval_per_task: int = 300
+    eval_per_task: Count = 300
     """At most this many val and this many test examples per task, sampled by seed; 0 keeps all."""
-    mc_questions: int = 300
+    mc_questions: Count = 300
     """Questions in the multiple-choice benchmark, sampled by seed; 0 asks about every test verse."""
-    mc_choices: int = 4
-    """Choices per multiple-choice question (the right book plus distinct random others)."""
-    min_continue_words: int = 6
-    """Texts with fewer words are skipped by the continue task."""
+    mc_choices: Annotated[int, Field(ge=2, le=len(_LETTERS))] = 4
+    """Choices per multiple-choice question (the right book plus distinct random others), 2 to 26 (A-Z)."""
+    min_continue_words: Annotated[int, Field(ge=2)] = 6
+    """Texts with fewer words are skipped by the continue task (at least 2: both halves need a word)."""
     mc_jsonl: str = ""
     """Optional multiple-choice benchmark file in the MMLU JSONL format, used instead of the built one."""
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise LmpipeError(
-                f"instructions.tasks: unknown task {unknown[0]!r}; expected any of {', '.join(TASKS)}"
-            )
         if not self.tasks and not self.jsonl:
             raise LmpipeError("instructions.tasks=[]: expected at least one task (or set instructions.jsonl)")
         if len(set(self.tasks)) != len(self.tasks):
             raise LmpipeError(f"instructions.tasks={self.tasks}: expected each task at most once")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise LmpipeError(f"instructions.{name}={value}: expected a fraction in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise LmpipeError(
                 f"instructions.val_fraction + instructions.test_fraction = "
                 f"{self.val_fraction + self.test_fraction}: expected below 1 so records remain for training"
-            )
-        for name in ("eval_per_task", "mc_questions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmpipeError(f"instructions.{name}={value!r}: expected 0 (all) or a positive count")
-        if isinstance(self.mc_choices, bool) or not isinstance(self.mc_choices, int):
-            raise LmpipeError(f"instructions.mc_choices={self.mc_choices!r}: expected an integer")
-        if not 2 <= self.mc_choices <= len(_LETTERS):
-            raise LmpipeError(
-                f"instructions.mc_choices={self.mc_choices}: expected 2 to {len(_LETTERS)} (answer letters A-Z)"
-            )
-        if isinstance(self.min_continue_words, bool) or not isinstance(self.min_continue_words, int):
-            raise LmpipeError(
-                f"instructions.min_continue_words={self.min_continue_words!r}: expected an integer"
-            )
-        if self.min_continue_words < 2:
-            raise LmpipeError(
-                f"instructions.min_continue_words={self.min_continue_words}: expected at least 2 "
-                "(both halves need a word)"
             )
 
 
@@ -572,10 +547,10 @@ def write_examples(df: pd.DataFrame, out_dir: str | os.PathLike) -> dict:
             part = df.loc[df["split"] == split, list(EXAMPLE_COLUMNS)].astype(object)
             # A missing label (a task without classes) is written as JSON null, not NaN.
             records = part.where(part.notna(), None).to_dict("records")
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            with open(tmp / split_file(split), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         (tmp / LABELS_FILE).write_text(json.dumps(label_sets_, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", "utf-8")
+        (tmp / INSTRUCTION_STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", "utf-8")
     return stats
 
 
@@ -583,7 +558,7 @@ def read_examples(directory: str | os.PathLike, split: str) -> pd.DataFrame:
     """The examples of one split written by `write_examples`, with `EXAMPLE_COLUMNS`."""
     if split not in SPLITS:
         raise LmpipeError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
-    path = Path(directory) / f"{split}.jsonl"
+    path = Path(directory) / split_file(split)
     if not path.is_file():
         raise LmpipeError(f"missing {path}: run the instructions stage first (dvc repro instructions)")
     if path.stat().st_size == 0:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
+from pydantic import Field
 
+from lmpipe.config import schema
 from lmpipe.data.corpus import CORPUS_COLUMNS
 from lmpipe.data.splits import SPLITS
 from lmpipe.errors import LmpipeError
@@ -43,38 +44,34 @@ _SNIPPET = 80
 """Characters of text kept per example row in the report."""
 
 
-@dataclass
+Count = Annotated[int, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+@schema("validate")
 class ValidationConfig:
     """Thresholds for the prepared-corpus checks; every check must pass for the corpus to be accepted."""
 
-    min_chars: int = 1
+    min_chars: Count = 1
     """Shortest allowed row text, in characters."""
-    max_chars: int = 2000
+    max_chars: Count = 2000
     """Longest allowed row text, in characters."""
-    max_duplicate_rate: float = 0.05
+    max_duplicate_rate: Share = 0.05
     """Largest tolerated share of rows whose text exactly repeats an earlier row's text."""
-    max_nontext_share: float = 0.10
+    max_nontext_share: Share = 0.10
     """Per-row ceiling on the share of characters that are not letters, digits, whitespace or punctuation."""
-    max_nontext_rows: float = 0.001
+    max_nontext_rows: Share = 0.001
     """Largest tolerated share of rows above max_nontext_share."""
-    min_rows_per_split: int = 100
+    min_rows_per_split: Count = 100
     """Fewest rows each of train/val/test must hold."""
-    min_docs_per_split: int = 1
+    min_docs_per_split: Count = 1
     """Fewest distinct doc_ids each of train/val/test must hold."""
 
     def __post_init__(self) -> None:
-        for name in ("min_chars", "max_chars", "min_rows_per_split", "min_docs_per_split"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmpipeError(f"validate.{name}={value!r}: expected an integer >= 0")
         if self.max_chars < self.min_chars:
             raise LmpipeError(
                 f"validate.max_chars={self.max_chars}: expected >= validate.min_chars={self.min_chars}"
             )
-        for name in ("max_duplicate_rate", "max_nontext_share", "max_nontext_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise LmpipeError(f"validate.{name}={value!r}: expected a fraction in [0, 1]")
 
 
 def is_text_char(ch: str) -> bool:
