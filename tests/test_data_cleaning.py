@@ -2,28 +2,28 @@ import pandas as pd
 import pytest
 
 from lmpipe.data.cleaning import clean_corpus, clean_text, deduplicate
-from lmpipe.data.corpus import DataConfig
 from lmpipe.errors import LmpipeError
 
 
 @pytest.mark.parametrize(
-    "raw, expected",
+    "raw, as_written, collapsed",
     [
-        ("  plain text  ", "plain text"),
-        ("tab\tand   spaces", "tab and spaces"),
-        ("zero\u200bwidth and \ufeffBOM", "zerowidth and BOM"),
-        ("bell\x07 and del\x7f and C1\x85", "bell and del and C1"),
-        ("no-break\u00a0space and\u2003em space", "no-break space and em space"),
-        ("windows\r\nlines\rold mac", "windows\nlines\nold mac"),
-        ("a  \n  b", "a\nb"),
-        ("a\n\n\n\n\nb", "a\n\nb"),
-        ("a\n \n \nb", "a\n\nb"),
-        ("\n\n  \t", ""),
-        ("cafe\u0301", "caf\u00e9"),  # NFC composes e + combining acute
+        ("  plain text  ", "  plain text  ", "plain text"),
+        ("tab\tand   spaces", "tab\tand   spaces", "tab and spaces"),
+        ("zero\u200bwidth and \ufeffBOM", "zerowidth and BOM", "zerowidth and BOM"),
+        ("bell\x07 and del\x7f and C1\x85", "bell and del and C1", "bell and del and C1"),
+        ("no-break\u00a0space and\u2003em", "no-break\u00a0space and\u2003em", "no-break space and em"),
+        ("windows\r\nlines\rold mac", "windows\nlines\nold mac", "windows lines old mac"),
+        ("a  \n  b", "a  \n  b", "a b"),
+        ("a\n\n\n\n\nb", "a\n\n\n\n\nb", "a b"),
+        ("def f():\n    return 1\n", "def f():\n    return 1\n", "def f(): return 1"),
+        ("\n\n  \t", "\n\n  \t", ""),
+        ("cafe\u0301", "caf\u00e9", "caf\u00e9"),  # NFC composes e + combining acute
     ],
 )
-def test_clean_text(raw, expected):
-    assert clean_text(raw) == expected
+def test_clean_text(raw, as_written, collapsed):
+    assert clean_text(raw) == as_written
+    assert clean_text(raw, collapse_whitespace=True) == collapsed
 
 
 def test_unicode_forms():
@@ -55,15 +55,15 @@ def test_clean_corpus_drops_empty_rows_and_renumbers_positions():
     df = frame(
         [("text", "d1", " a "), ("text", "d1", "\u200b \t"), ("text", "d1", "b"), ("text", "d2", "\n")]
     )
-    out = clean_corpus(df, DataConfig())
-    assert out["text"].tolist() == ["a", "b"]
+    out = clean_corpus(df)
+    assert out["text"].tolist() == [" a ", "b"]
     assert out["position"].tolist() == [0, 1]
     assert out.index.tolist() == [0, 1]
 
 
 def test_clean_corpus_strips_brackets_only_in_kjv_rows():
     df = frame([("kjv", "Genesis 1", "that [it was] good"), ("text", "code", "x[0] = y")])
-    out = clean_corpus(df, DataConfig(strip_brackets=True, lowercase=True))
+    out = clean_corpus(df, strip_brackets=True, lowercase=True)
     assert out["text"].tolist() == ["that it was good", "x[0] = y"]
 
 

@@ -1,4 +1,5 @@
 import json
+import unicodedata
 
 import pandas as pd
 import pytest
@@ -7,12 +8,16 @@ from lmpipe.data.corpus import (
     CORPUS_COLUMNS,
     DataConfig,
     corpus_stats,
+    documents_by_split,
+    load_source,
     prepare_corpus,
     read_corpus,
     write_corpus,
 )
 from lmpipe.data.sources import SOURCE_COLUMNS
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import EOT
+from lmpipe.tokenizer import TokenizerConfig, read_shard, train_tokenizer, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +33,19 @@ def test_corpus_columns_are_source_columns_plus_split():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"source": "bible"}, r"^data\.source='bible': expected one of kjv, pydoc, text$"),
-        ({"unicode_form": "nfc"}, r"^data\.unicode_form='nfc': expected one of NFC, NFKC, NFD, NFKD$"),
-        ({"dedup": "doc"}, r"^data\.dedup='doc': expected one of none, row, document$"),
-        ({"val_fraction": 1.0}, r"^data\.val_fraction=1\.0: expected a fraction in \[0, 1\)$"),
-        ({"test_fraction": -0.1}, r"^data\.test_fraction=-0\.1: expected a fraction"),
+        ({"source": "bible"}, r"^data\.source='bible': expected 'kjv', 'pydoc' or 'text'$"),
+        ({"unicode_form": "nfc"}, r"^data\.unicode_form='nfc': expected 'NFC', 'NFKC', 'NFD' or 'NFKD'$"),
+        ({"dedup": "doc"}, r"^data\.dedup='doc': expected 'none', 'row' or 'document'$"),
+        ({"val_fraction": 1.0}, r"^data\.val_fraction=1\.0: expected a value less than 1$"),
+        (
+            {"test_fraction": -0.1},
+            r"^data\.test_fraction=-0\.1: expected a value greater than or equal to 0$",
+        ),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, r"^data\.val_fraction \+ data\.test_fraction = 1\.0"),
-        ({"txt_paragraphs_per_doc": 0}, r"^data\.txt_paragraphs_per_doc=0: expected at least 1$"),
-        ({"max_docs": -1}, r"^data\.max_docs=-1"),
+        ({"txt_paragraphs_per_doc": 0}, r"^data\.txt_paragraphs_per_doc=0: expected a value greater than or"),
+        ({"max_docs": -1}, r"^data\.max_docs=-1: expected a value greater than or equal to 0$"),
+        ({"collapse_whitespace": "yes"}, r"^data\.collapse_whitespace='yes': expected a valid boolean$"),
+        ({"book": ["Ruth"]}, r"^data\.book: unknown field$"),
         ({"source": "text"}, r"^data\.paths=\[\]: source 'text' needs at least one"),
     ],
 )
@@ -99,6 +109,15 @@ def test_kjv_row_dedup_removes_repeated_verses():
     )  # "And the LORD spake unto Moses, saying," alone repeats 72 times
 
 
+def test_load_source_dispatches_on_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("hello  you\n", encoding="utf-8")
+    assert load_source(DataConfig(source="text", paths=["a.txt"]))["text"].tolist() == ["hello  you\n"]
+    collapsed = DataConfig(source="text", paths=["a.txt"], collapse_whitespace=True)
+    assert load_source(collapsed)["text"].tolist() == ["hello you"]
+    assert load_source(DataConfig(source="kjv", books=["Jude"]))["doc_id"].unique().tolist() == ["Jude 1"]
+
+
 def test_text_corpus_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     paragraphs = [f"Paragraph number {i}." for i in range(60)]
@@ -114,7 +133,8 @@ def test_text_corpus_end_to_end(tmp_path, monkeypatch):
         "more.jsonl:3",
     ]
     assert df[df["doc_id"] == "book.txt#6"]["text"].tolist() == ["Paragraph number 0."]
-    assert df["text"].iloc[-1] == "y"
+    assert df[df["doc_id"] == "book.txt#0"]["text"].iloc[0] == "Paragraph number 0.\n"
+    assert df["text"].iloc[-1] == "  y  "  # as written
     assert df.attrs["prepare"] == {
         "rows_loaded": 65,
         "empty_rows_removed": 1,
@@ -124,6 +144,83 @@ def test_text_corpus_end_to_end(tmp_path, monkeypatch):
     }
     doc_split = df.drop_duplicates("doc_id").set_index("doc_id")["split"]
     assert set(doc_split[doc_split.index.str.startswith("book.txt")]) == {"train", "val", "test"}
+
+
+# A Python file and a poem as an editor might save them: a BOM, CRLF line breaks, an invisible zero-width
+# space, a decomposed accent; indentation, tabs, runs of spaces, trailing spaces and line breaks inside
+# paragraphs, two empty lines between functions, a whitespace-only line inside a paragraph.
+PYTHON_SOURCE = (
+    "\ufeff# A module\u200b with code.\r\n"
+    "import os\r\n\r\n\r\n"
+    "def walk(root):\r\n"
+    '    """Yield every file."""\r\n'
+    "    for folder, _, names in os.walk(root):\r\n"
+    "        for name in names:  # two spaces before the comment\r\n"
+    "    \r\n"
+    "\t\tyield os.path.join(folder, name)\r\n\r\n"
+    "    return   None   \r\n"
+)
+POEM = (
+    "The Rose\n\n"
+    "Roses are red,\n"
+    "    violets are blue;\n"
+    "  sugar is   sweet,\n"
+    "and so is the cafe\u0301.\n\n\n"
+    "      (the end)\n"
+)
+
+
+def documented_normalisations(raw: str) -> str:
+    """What cleaning may change by default: the BOM and invisible characters go, CRLF becomes LF, NFC."""
+    text = raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\u200b", "")
+    return unicodedata.normalize("NFC", text)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_text_round_trips_through_prepare_and_tokenizers(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "walk.py.txt").write_bytes(PYTHON_SOURCE.encode("utf-8"))
+    (tmp_path / "rose.txt").write_bytes(POEM.encode("utf-8"))
+    expected = {documented_normalisations(raw) for raw in (PYTHON_SOURCE, POEM)}
+    assert expected == {
+        PYTHON_SOURCE[1:].replace("\r\n", "\n").replace("\u200b", ""),
+        POEM.replace("e\u0301", "\u00e9"),
+    }
+
+    corpus = prepare_corpus(
+        DataConfig(source="text", paths=["*.txt"], val_fraction=0, test_fraction=0), seed=0
+    )
+    docs = documents_by_split(corpus)
+    assert set(docs["train"]) == expected  # one document per file, byte for byte the cleaned file
+
+    tok = train_tokenizer(docs["train"], TokenizerConfig(kind=kind, vocab_size=400))
+    write_shards(tmp_path / "tokens", docs, tok, show_progress=False)
+    ids = read_shard(tmp_path / "tokens", "train").tolist()
+    eot = tok.token_to_id(EOT)
+    decoded, start = [], 0
+    for end in [i for i, token in enumerate(ids) if token == eot]:
+        decoded.append(tok.decode(ids[start:end]))
+        start = end + 1
+    assert set(decoded) == expected and len(decoded) == 2
+
+
+def test_jsonl_and_txt_treat_whitespace_alike(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rose.txt").write_text(POEM, encoding="utf-8")
+    (tmp_path / "rose.jsonl").write_text(json.dumps({"text": POEM}) + "\n", encoding="utf-8")
+    cfg = DataConfig(source="text", paths=["rose.*"], dedup="none", val_fraction=0, test_fraction=0)
+    as_written = documents_by_split(prepare_corpus(cfg, seed=0))["train"]
+    assert as_written == [documented_normalisations(POEM)] * 2
+
+    cfg = DataConfig(source="text", paths=["rose.*"], collapse_whitespace=True, dedup="none")
+    corpus = prepare_corpus(cfg, seed=0)
+    # Every text becomes one line; the .txt keeps its paragraphs apart as rows.
+    assert corpus["text"].tolist() == [
+        "The Rose Roses are red, violets are blue; sugar is sweet, and so is the caf\u00e9. (the end)",
+        "The Rose",
+        "Roses are red, violets are blue; sugar is sweet, and so is the caf\u00e9.",
+        "(the end)",
+    ]
 
 
 def test_corpus_that_cleans_to_nothing_is_an_error(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
-from lmpipe.data.corpus import DataConfig
-from lmpipe.data.sources import SOURCE_COLUMNS, load_kjv, load_pydoc, load_source, load_text, split_paragraphs
+from lmpipe.data.sources import SOURCE_COLUMNS, load_kjv, load_pydoc, load_text, split_paragraphs
 from lmpipe.errors import LmpipeError
 
 
@@ -74,17 +75,29 @@ def test_kjv_max_docs_keeps_the_first_chapters():
 # --- pydoc -------------------------------------------------------------------------------------------------
 
 
-def test_pydoc_topics_become_paragraph_rows():
+def test_pydoc_topics_become_paragraph_rows_as_written():
     from pydoc_data.topics import topics
 
     df = load_pydoc()
     assert df["doc_id"].nunique() == len(topics) == 79
     assert (df["group"] == "pydoc").all() and df["book"].isna().all() and df["verse"].isna().all()
-    assert not df["text"].str.contains("\n").any()
     assert not (df["text"].str.strip() == "").any()
     assert_positions_count_from_zero(df)
     first = df[df["doc_id"] == "pydoc:assert"]["text"].tolist()
-    assert first[0].startswith('The "assert" statement')
+    assert first[:3] == [
+        'The "assert" statement\n**********************\n',
+        "Assert statements are a convenient way to insert debugging assertions\ninto a program:\n",
+        '   assert_stmt ::= "assert" expression ["," expression]\n',
+    ]
+    # Every topic's paragraphs, joined as documents are, give back the topic's text exactly.
+    for name, rows in df.groupby("doc_id", sort=False)["text"]:
+        assert "\n".join(rows) == topics[name.removeprefix("pydoc:")], name
+
+
+def test_pydoc_collapsed_paragraphs_are_single_lines():
+    df = load_pydoc(max_docs=3, collapse_whitespace=True)
+    assert not df["text"].str.contains("\n|  ").any()
+    first = df[df["doc_id"] == "pydoc:assert"]["text"].tolist()
     assert first[1] == "Assert statements are a convenient way to insert debugging assertions into a program:"
 
 
@@ -98,9 +111,17 @@ def test_pydoc_max_docs():
 # --- text files --------------------------------------------------------------------------------------------
 
 
-def test_split_paragraphs_on_blank_lines_and_collapses_whitespace():
+def test_split_paragraphs_keeps_text_as_written():
+    text = "one\n  two\tthree\n\n \t\n\n    four  five\n\n\n\nsix"
+    # The empty line after a paragraph separates it from the next; extra empty lines stay with the paragraph.
+    assert split_paragraphs(text) == ["one\n  two\tthree\n", "    four  five\n\n\n", "six"]
+    poem = "Roses are red,\n  violets are blue.\n\nSugar is sweet.\n"
+    assert "\n".join(split_paragraphs(poem)) == poem
+
+
+def test_split_paragraphs_collapsing_whitespace():
     text = "one\n  two\tthree\n\n \t\n\nfour\n\n\n"
-    assert split_paragraphs(text) == ["one two three", "four"]
+    assert split_paragraphs(text, collapse_whitespace=True) == ["one two three", "four"]
 
 
 def test_txt_paragraphs_are_grouped_into_documents(tmp_path, monkeypatch):
@@ -117,8 +138,10 @@ def test_txt_paragraphs_are_grouped_into_documents(tmp_path, monkeypatch):
         "notes.txt#2",
     ]
     assert df["position"].tolist() == [0, 1, 0, 1, 0]
-    assert df["text"].tolist() == ["p0", "p1", "p2 line one line two", "p3", "p4"]
+    assert df["text"].tolist() == ["p0\n", "p1\n", "p2 line one\nline two\n", "p3\n", "p4\n"]
     assert (df["group"] == "notes.txt").all() and (df["source"] == "text").all()
+    collapsed = load_text(["notes.txt"], txt_paragraphs_per_doc=2, collapse_whitespace=True)
+    assert collapsed["text"].tolist() == ["p0", "p1", "p2 line one line two", "p3", "p4"]
 
 
 def test_jsonl_records_are_documents(tmp_path, monkeypatch):
@@ -146,13 +169,6 @@ def test_max_docs_stops_before_reading_later_files(tmp_path, monkeypatch):
     (tmp_path / "b.txt").write_bytes(b"")  # would be an error if it were read
     df = load_text(["a.txt", "b.txt"], txt_paragraphs_per_doc=1, max_docs=2)
     assert df["doc_id"].tolist() == ["a.txt#0", "a.txt#1"]
-
-
-def test_load_source_dispatches_on_config(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "a.txt").write_text("hello", encoding="utf-8")
-    assert load_source(DataConfig(source="text", paths=["a.txt"]))["text"].tolist() == ["hello"]
-    assert load_source(DataConfig(source="kjv", books=["Jude"]))["doc_id"].unique().tolist() == ["Jude 1"]
 
 
 # --- bad input: one line naming the file -------------------------------------------------------------------
@@ -215,3 +231,10 @@ def test_same_file_name_in_two_folders_is_rejected(tmp_path, monkeypatch):
 def assert_positions_count_from_zero(df):
     expected = df.groupby("doc_id", sort=False).cumcount()
     assert (df["position"] == expected).all()
+
+
+def test_leaf_modules_do_not_import_the_orchestrator():
+    code = (
+        "import sys, lmpipe.data.cleaning, lmpipe.data.sources; sys.exit('lmpipe.data.corpus' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

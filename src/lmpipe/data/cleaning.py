@@ -1,7 +1,9 @@
 """Normalise row texts and drop exact duplicates, so the tokenizer and the splits see one canonical form.
 
-Cleaning is deliberately conservative: it removes encoding-level noise (Unicode forms, invisible characters,
-whitespace) and applies two opt-in surface choices (KJV brackets, lowercase); it never changes words.
+Cleaning is deliberately conservative: it removes encoding-level noise (the Unicode form, CRLF and lone CR line
+breaks, invisible control and format characters) and keeps the text otherwise as written: line breaks,
+indentation, tabs and runs of spaces. Three surface choices are opt-in (collapsing whitespace, KJV brackets,
+lowercase); it never changes words.
 """
 
 from __future__ import annotations
@@ -10,22 +12,18 @@ import functools
 import re
 import sys
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import Literal, get_args
 
 import pandas as pd
 
 from lmpipe.errors import LmpipeError
 
-if TYPE_CHECKING:
-    from lmpipe.data.corpus import DataConfig
-
-UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
-DEDUP_MODES = ("none", "row", "document")
+UnicodeForm = Literal["NFC", "NFKC", "NFD", "NFKD"]
+DedupMode = Literal["none", "row", "document"]
+UNICODE_FORMS = get_args(UnicodeForm)
+DEDUP_MODES = get_args(DedupMode)
 
 _LINE_BREAKS = re.compile(r"\r\n?")
-_SPACE_RUNS = re.compile(r" {2,}")
-_SPACE_AT_LINE_EDGE = re.compile(r" ?\n ?")
-_BLANK_LINE_RUNS = re.compile(r"\n{3,}")
 
 
 def _char_class(codepoints: list[int]) -> re.Pattern[str]:
@@ -59,16 +57,18 @@ def _invisible_characters() -> re.Pattern[str]:
     )
 
 
-@functools.cache
-def _horizontal_space() -> re.Pattern[str]:
-    """Whitespace other than newline: tab, no-break and typographic spaces, line/paragraph separators."""
-    return _char_class([cp for cp in range(sys.maxunicode + 1) if chr(cp).isspace() and cp != 0x0A])
-
-
 def clean_text(
-    s: str, unicode_form: str = "NFC", strip_brackets: bool = False, lowercase: bool = False
+    s: str,
+    unicode_form: str = "NFC",
+    strip_brackets: bool = False,
+    lowercase: bool = False,
+    collapse_whitespace: bool = False,
 ) -> str:
-    """One text in canonical form: normalised, no invisible characters, single spaces, at most one blank line."""
+    """One text in canonical form: normalised, "\\n" line breaks, no invisible characters.
+
+    Whitespace stays as written unless `collapse_whitespace`, which turns every run of whitespace, line
+    breaks included, into one space and strips both ends.
+    """
     if unicode_form not in UNICODE_FORMS:
         raise LmpipeError(f"data.unicode_form={unicode_form!r}: expected one of {', '.join(UNICODE_FORMS)}")
     if lowercase:
@@ -78,29 +78,33 @@ def clean_text(
     if strip_brackets:
         s = s.replace("[", "").replace("]", "")
     # isprintable() is False for every control, format, line-break and non-ASCII space character, so most
-    # single-line texts (every KJV verse) skip the character-class passes, which dominate the cost.
+    # single-line texts (every KJV verse) skip the character-class pass, which dominates the cost.
     if not s.isprintable():
         # A lone "\r" is an old-Mac line break: make it "\n" before controls go, or words would merge.
         s = _LINE_BREAKS.sub("\n", s)
         s = _invisible_characters().sub("", s)
-        s = _horizontal_space().sub(" ", s)
-        s = _SPACE_AT_LINE_EDGE.sub("\n", s)
-        s = _BLANK_LINE_RUNS.sub("\n\n", s)
-    s = _SPACE_RUNS.sub(" ", s)
-    return s.strip()
+    if collapse_whitespace:
+        s = " ".join(s.split())
+    return s
 
 
-def clean_corpus(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
-    """Clean every row's text, drop rows left empty and renumber `position` within each document.
+def clean_corpus(
+    df: pd.DataFrame,
+    unicode_form: str = "NFC",
+    strip_brackets: bool = False,
+    lowercase: bool = False,
+    collapse_whitespace: bool = False,
+) -> pd.DataFrame:
+    """Clean every row's text (`clean_text`), drop rows left empty or blank and renumber `position` per document.
 
-    `cfg.strip_brackets` only applies to KJV rows: elsewhere square brackets are real text (code, citations).
+    `strip_brackets` only applies to KJV rows: elsewhere square brackets are real text (code, citations).
     """
     texts = [
-        clean_text(text, cfg.unicode_form, cfg.strip_brackets and source == "kjv", cfg.lowercase)
+        clean_text(text, unicode_form, strip_brackets and source == "kjv", lowercase, collapse_whitespace)
         for source, text in zip(df["source"], df["text"], strict=True)
     ]
     out = df.assign(text=pd.Series(texts, index=df.index, dtype="str"))
-    out = out[out["text"] != ""]
+    out = out[out["text"].str.strip() != ""]
     return _renumber_positions(out)
 
 

@@ -7,78 +7,81 @@ then by position. Later stages (validation, tokenizer, datamodules) read exactly
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated, Literal
 
 import pandas as pd
+from pydantic import Field
 
 from lmpipe.atomic import atomic_path
-from lmpipe.data.cleaning import DEDUP_MODES, UNICODE_FORMS, clean_corpus, deduplicate
-from lmpipe.data.sources import SOURCE_DTYPES, load_source
+from lmpipe.config import schema
+from lmpipe.data.cleaning import DedupMode, UnicodeForm, clean_corpus, deduplicate
+from lmpipe.data.sources import SOURCE_DTYPES, load_kjv, load_pydoc, load_text
 from lmpipe.data.splits import SPLITS, assign_splits
 from lmpipe.errors import LmpipeError, require_file
-
-SOURCES = ("kjv", "pydoc", "text")
 
 CORPUS_COLUMNS = ("source", "doc_id", "group", "position", "text", "split", "book", "chapter", "verse")
 """Columns of a prepared corpus, in order."""
 
 CORPUS_DTYPES = {**SOURCE_DTYPES, "split": "str"}
 
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 
-@dataclass
+
+@schema("data")
 class DataConfig:
-    source: str = "kjv"
+    source: Literal["kjv", "pydoc", "text"] = "kjv"
     """Corpus to prepare: kjv (King James Bible), pydoc (Python reference topics) or text (data.paths)."""
     paths: list[str] = field(default_factory=list)
     """For source=text: .txt/.jsonl files or glob patterns, relative to the working directory."""
     text_field: str = "text"
     """For .jsonl files: the record field holding the text."""
-    txt_paragraphs_per_doc: int = 20
+    txt_paragraphs_per_doc: Annotated[int, Field(ge=1)] = 20
     """For .txt files: consecutive paragraphs per document (the unit kept whole by the split)."""
     books: list[str] = field(default_factory=list)
     """For source=kjv: only these book titles, e.g. [Genesis, "1 Samuel"]; empty keeps all 66."""
-    max_docs: int = 0
+    max_docs: Annotated[int, Field(ge=0)] = 0
     """Keep only the first N documents in source order, for quick runs; 0 keeps all."""
-    unicode_form: str = "NFC"
+    unicode_form: UnicodeForm = "NFC"
     """Unicode normalisation applied to every text: NFC, NFKC, NFD or NFKD."""
+    collapse_whitespace: bool = False
+    """Turn every run of whitespace, line breaks included, into one space; false keeps text as written."""
     strip_brackets: bool = True
     """For source=kjv: drop the square brackets marking translator-supplied words, keeping the words."""
     lowercase: bool = False
     """Lowercase every text."""
-    dedup: str = "document"
+    dedup: DedupMode = "document"
     """Drop exact duplicates after cleaning, keeping the first: none, row or document."""
-    val_fraction: float = 0.05
+    val_fraction: Fraction = 0.05
     """Fraction of each group's documents held out for validation."""
-    test_fraction: float = 0.05
+    test_fraction: Fraction = 0.05
     """Fraction of each group's documents held out for testing."""
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("source", self.source, SOURCES),
-            ("unicode_form", self.unicode_form, UNICODE_FORMS),
-            ("dedup", self.dedup, DEDUP_MODES),
-        ):
-            if value not in allowed:
-                raise LmpipeError(f"data.{name}={value!r}: expected one of {', '.join(allowed)}")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise LmpipeError(f"data.{name}={value}: expected a fraction in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise LmpipeError(
                 f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction}: "
                 "expected below 1 so documents remain for training"
             )
-        if self.txt_paragraphs_per_doc < 1:
-            raise LmpipeError(
-                f"data.txt_paragraphs_per_doc={self.txt_paragraphs_per_doc}: expected at least 1"
-            )
-        if self.max_docs < 0:
-            raise LmpipeError(f"data.max_docs={self.max_docs}: expected 0 (all) or a positive count")
         if self.source == "text" and not self.paths:
             raise LmpipeError(
                 "data.paths=[]: source 'text' needs at least one .txt/.jsonl file or glob pattern"
             )
+
+
+def load_source(cfg: DataConfig) -> pd.DataFrame:
+    """Load the source named by `cfg.source` as rows with `SOURCE_COLUMNS` (no `split` yet)."""
+    if cfg.source == "kjv":
+        df = load_kjv(cfg.books, cfg.max_docs)
+    elif cfg.source == "pydoc":
+        df = load_pydoc(cfg.max_docs, cfg.collapse_whitespace)
+    else:
+        df = load_text(
+            cfg.paths, cfg.text_field, cfg.txt_paragraphs_per_doc, cfg.max_docs, cfg.collapse_whitespace
+        )
+    if df.empty:
+        raise LmpipeError(f"data.source={cfg.source!r}: the corpus is empty (no text rows were loaded)")
+    return df
 
 
 def prepare_corpus(cfg: DataConfig, seed: int) -> pd.DataFrame:
@@ -87,7 +90,9 @@ def prepare_corpus(cfg: DataConfig, seed: int) -> pd.DataFrame:
     What was dropped on the way is recorded in `df.attrs["prepare"]` for `corpus_stats`.
     """
     loaded = load_source(cfg)
-    cleaned = clean_corpus(loaded, cfg)
+    cleaned = clean_corpus(
+        loaded, cfg.unicode_form, cfg.strip_brackets, cfg.lowercase, cfg.collapse_whitespace
+    )
     if cleaned.empty:
         raise LmpipeError(
             f"data.source={cfg.source!r}: every row is empty after cleaning, nothing to prepare"
@@ -150,7 +155,11 @@ def read_corpus(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def documents_by_split(df: pd.DataFrame) -> dict[str, list[str]]:
-    """Each split's documents in corpus order, a document's rows joined by newlines (what the LM reads)."""
+    """Each split's documents in corpus order, a document's rows joined by newlines (what the LM reads).
+
+    A verse is a line; a paragraph ends with its own line break, so the newline between two is the empty line
+    that separated them in the file (`lmpipe.data.sources.split_paragraphs`).
+    """
     docs: dict[str, list[str]] = {split: [] for split in SPLITS}
     for (split, _), rows in df.groupby(["split", "doc_id"], sort=False):
         docs[split].append("\n".join(rows["text"]))

@@ -7,6 +7,10 @@ deduplication and splitting never need to know where the text came from. Sources
 - `pydoc`: the Python reference topics shipped with CPython; a document per topic, a row per paragraph.
 - `text`: the user's own `.txt` (paragraphs, `txt_paragraphs_per_doc` per document) and `.jsonl` files
   (one document of one row per record).
+
+Text is kept as written: a paragraph keeps its line breaks, indentation and runs of spaces, and a document's
+rows joined by a newline give back the file (see `split_paragraphs`). Only `collapse_whitespace=True` makes a
+paragraph one line with single spaces, as lmpipe did before the option existed.
 """
 
 from __future__ import annotations
@@ -18,14 +22,11 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 
 from lmpipe.errors import LmpipeError
-
-if TYPE_CHECKING:
-    from lmpipe.data.corpus import DataConfig
 
 SOURCE_COLUMNS = ("source", "doc_id", "group", "position", "text", "book", "chapter", "verse")
 """Columns of a loaded source, in order; the prepared corpus adds `split` after `text`."""
@@ -43,8 +44,11 @@ SOURCE_DTYPES = {
 
 TEXT_EXTENSIONS = (".txt", ".jsonl")
 
-# A blank line is one holding nothing but whitespace; runs of them count as one paragraph break.
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+# As written, a paragraph ends with its last line's line break, and the empty line after it is the break
+# between paragraphs; further empty lines stay with the paragraph before, so nothing is lost.
+_EMPTY_LINE = re.compile(r"(?<=\n)\n(?!\n)")
+# Collapsed, a blank line is one holding nothing but whitespace; runs of them count as one paragraph break.
+_BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 class Document(NamedTuple):
@@ -56,21 +60,6 @@ class Document(NamedTuple):
     book: str | None = None
     chapter: int | None = None
     verses: list[int] | None = None
-
-
-def load_source(cfg: DataConfig) -> pd.DataFrame:
-    """Load the source named by `cfg.source` as rows with `SOURCE_COLUMNS` (no `split` yet)."""
-    if cfg.source == "kjv":
-        df = load_kjv(cfg.books, cfg.max_docs)
-    elif cfg.source == "pydoc":
-        df = load_pydoc(cfg.max_docs)
-    elif cfg.source == "text":
-        df = load_text(cfg.paths, cfg.text_field, cfg.txt_paragraphs_per_doc, cfg.max_docs)
-    else:
-        raise LmpipeError(f"data.source={cfg.source!r}: expected one of kjv, pydoc, text")
-    if df.empty:
-        raise LmpipeError(f"data.source={cfg.source!r}: the corpus is empty (no text rows were loaded)")
-    return df
 
 
 def load_kjv(books: Sequence[str] = (), max_docs: int = 0) -> pd.DataFrame:
@@ -105,19 +94,23 @@ def load_kjv(books: Sequence[str] = (), max_docs: int = 0) -> pd.DataFrame:
     return _to_frame("kjv", documents(), max_docs)
 
 
-def load_pydoc(max_docs: int = 0) -> pd.DataFrame:
+def load_pydoc(max_docs: int = 0, collapse_whitespace: bool = False) -> pd.DataFrame:
     """CPython's reference topics (`pydoc_data.topics`): a document per topic, a row per paragraph."""
     from pydoc_data.topics import topics
 
     documents = (
-        Document(doc_id=f"pydoc:{name}", group="pydoc", texts=split_paragraphs(body))
+        Document(doc_id=f"pydoc:{name}", group="pydoc", texts=split_paragraphs(body, collapse_whitespace))
         for name, body in topics.items()
     )
     return _to_frame("pydoc", documents, max_docs)
 
 
 def load_text(
-    paths: Sequence[str], text_field: str = "text", txt_paragraphs_per_doc: int = 20, max_docs: int = 0
+    paths: Sequence[str],
+    text_field: str = "text",
+    txt_paragraphs_per_doc: int = 20,
+    max_docs: int = 0,
+    collapse_whitespace: bool = False,
 ) -> pd.DataFrame:
     """The user's `.txt` / `.jsonl` files, given as paths or glob patterns relative to the working directory."""
     files = resolve_paths(paths)
@@ -128,7 +121,7 @@ def load_text(
         for path in files:
             text = read_utf8(path)
             if path.suffix.lower() == ".txt":
-                yield from _txt_documents(path, text, txt_paragraphs_per_doc, seen)
+                yield from _txt_documents(path, text, txt_paragraphs_per_doc, collapse_whitespace, seen)
             else:
                 yield from _jsonl_documents(path, text, text_field, seen)
 
@@ -183,16 +176,25 @@ def read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs, each with its whitespace (line breaks included) collapsed to one space."""
-    paragraphs = (" ".join(block.split()) for block in _PARAGRAPH_BREAK.split(text))
-    return [p for p in paragraphs if p]
+def split_paragraphs(text: str, collapse_whitespace: bool = False) -> list[str]:
+    """The paragraphs of `text`, those holding only whitespace left out.
+
+    As written (the default) a paragraph keeps its line breaks, the one ending its last line included, and
+    the text between empty lines is one paragraph: `"\\n".join(paragraphs)` gives back `text` unless it had
+    whitespace-only paragraphs. With `collapse_whitespace`, paragraphs are separated by lines holding only
+    whitespace, and each one's whitespace (line breaks included) becomes single spaces.
+    """
+    if collapse_whitespace:
+        paragraphs = [" ".join(block.split()) for block in _BLANK_LINES.split(text)]
+    else:
+        paragraphs = _EMPTY_LINE.split(text)
+    return [p for p in paragraphs if not p.isspace() and p]
 
 
 def _txt_documents(
-    path: Path, text: str, paragraphs_per_doc: int, seen: dict[str, str]
+    path: Path, text: str, paragraphs_per_doc: int, collapse_whitespace: bool, seen: dict[str, str]
 ) -> Iterator[Document]:
-    paragraphs = split_paragraphs(text)
+    paragraphs = split_paragraphs(text, collapse_whitespace)
     if not paragraphs:
         raise LmpipeError(f"{path}: file holds only whitespace, expected UTF-8 text")
     for k, start in enumerate(range(0, len(paragraphs), paragraphs_per_doc)):
