@@ -2,7 +2,9 @@
 and validate it with Great Expectations.
 
 Outs: <paths.prepared>/corpus.parquet, <paths.prepared>/stats.json, <paths.metrics>/data_validation.json.
-A failed expectation stops here (exit 2) with the report written and the previous corpus untouched.
+A failed expectation stops here (exit 2) with every output untouched, the tracked report of the last good run
+included: the failed report goes to <paths.metrics>/data_validation.failed.json (not tracked) and to the
+stage's MLflow run, and is removed by the next run that passes.
 """
 
 from pathlib import Path
@@ -11,6 +13,8 @@ from lmpipe import atomic, config, tracking
 from lmpipe.stage import run_stage
 
 SECTIONS = ("seed", "paths", "data", "validate", "logger")
+REPORT_FILE = "data_validation.json"
+FAILED_REPORT_FILE = "data_validation.failed.json"
 
 
 def main(cfg):
@@ -18,20 +22,30 @@ def main(cfg):
     from lmpipe.data.validate import raise_for_failures, validate_corpus
 
     out = Path(cfg.paths.prepared)
-    report_path = Path(cfg.paths.metrics) / "data_validation.json"
-    with tracking.stage_run("prepare", cfg, SECTIONS):
+    report_path = Path(cfg.paths.metrics) / REPORT_FILE
+    failed_path = Path(cfg.paths.metrics) / FAILED_REPORT_FILE
+    with tracking.stage_run("prepare", cfg, SECTIONS) as run:
         corpus = prepare_corpus(config.build(cfg.data), seed=cfg.seed)
         report = validate_corpus(corpus, config.build(cfg.validate))
-        atomic.write_json(report_path, report)
         # As 0/1: log_metrics skips booleans, and a failed validation is the value most worth recording.
         tracking.log_metrics({"validation_success": int(report["success"])})
-        raise_for_failures(report, report_path=str(report_path))
+        if not report["success"]:
+            # Not over the tracked report: DVC would see prepare's output changed, and `dvc metrics show`
+            # would present the rejected corpus as the current state.
+            atomic.write_json(failed_path, report)
+            if run is not None:
+                import mlflow
+
+                mlflow.log_artifact(str(failed_path))
+            raise_for_failures(report, report_path=str(failed_path))
 
         stats = corpus_stats(corpus)
         with atomic.atomic_path(out) as tmp:
             tmp.mkdir()
             write_corpus(corpus, tmp / "corpus.parquet")
             atomic.write_json(tmp / "stats.json", stats)
+        atomic.write_json(report_path, report)
+        failed_path.unlink(missing_ok=True)
         tracking.log_metrics(stats, prefix="corpus")
         print(f"prepare: {len(corpus)} rows -> {out}")
 

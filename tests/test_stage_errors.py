@@ -156,39 +156,34 @@ def test_tokenize_without_prepared_corpus(workdir, outputs, tmp_path):
     assert snapshot(out) == before
 
 
-def test_failed_expectation_writes_the_report_and_keeps_the_corpus(workdir, outputs):
+def test_failed_expectation_keeps_the_tracked_report_and_the_corpus(workdir, outputs):
     from mlflow.tracking import MlflowClient
 
     out, paths = outputs
     before = snapshot(out)
+    ruth = ("data=kjv", "data.books=[Ruth]")
     proc = run_script(
-        workdir,
-        "prepare.py",
-        "data=kjv",
-        "data.books=[Ruth]",
-        "validate.max_chars=5",
-        *paths,
-        pipeline_id="stage-errors-ge",
+        workdir, "prepare.py", *ruth, "validate.max_chars=5", *paths, pipeline_id="stage-errors-ge"
     )
     line = error_line(proc, "prepare")
-    report_path = out / "metrics" / "data_validation.json"
+    failed_path = out / "metrics" / "data_validation.failed.json"
     assert line.startswith(
         "prepare: error: data validation failed: expect_column_value_lengths_to_be_between(text)"
     )
     assert "expected text length in [1, 5] chars" in line
-    assert line.endswith(f"(see {report_path})")
+    assert line.endswith(f"(see {failed_path})")
 
-    # The report is written (replacing the earlier one) and records the failure ...
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    # The failed report goes beside the tracked one, which still holds the last good run's ...
+    report = json.loads(failed_path.read_text(encoding="utf-8"))
     assert report["success"] is False
     failed = [e["expectation"] for e in report["expectations"] if not e["success"]]
     assert failed[0] == "expect_column_value_lengths_to_be_between"
-    # ... while every other earlier output, the prepared corpus above all, is untouched.
+    # ... and every earlier output, the prepared corpus and the tracked report above all, is untouched.
     after = snapshot(out)
     changed = {rel for rel in before.keys() | after.keys() if before.get(rel) != after.get(rel)}
-    assert changed == {"metrics/data_validation.json"}
+    assert changed == {"metrics/data_validation.failed.json"}
 
-    # The failed validation is on record in MLflow too: a failed stage run with validation_success 0.
+    # The failed validation is on record in MLflow too: a failed stage run with validation_success 0 and the report.
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlruns.db")
     experiment = client.get_experiment_by_name("lmpipe")
     [run] = client.search_runs(
@@ -198,3 +193,10 @@ def test_failed_expectation_writes_the_report_and_keeps_the_corpus(workdir, outp
     assert run.info.status == "FAILED"
     assert run.data.metrics == {"validation_success": 0.0}
     assert run.data.params["validate.max_chars"] == "5"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["data_validation.failed.json"]
+
+    # The next run that passes writes the tracked report and removes the stale failed one.
+    proc = run_script(workdir, "prepare.py", *ruth, "validate.min_rows_per_split=1", *paths)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "metrics" / "data_validation.json").read_text())["success"] is True
+    assert not failed_path.exists()
