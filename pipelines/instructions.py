@@ -19,7 +19,6 @@ def main(cfg):
     from lmpipe.data.instructions import (
         build_examples,
         build_mc,
-        load_jsonl_examples,
         read_mc_jsonl,
         write_examples,
         write_mc_jsonl,
@@ -29,10 +28,7 @@ def main(cfg):
     out = Path(cfg.paths.instructions)
     with tracking.stage_run("instructions", cfg, SECTIONS):
         corpus = read_corpus(Path(cfg.paths.prepared) / "corpus.parquet")
-        if icfg.jsonl:
-            examples = load_jsonl_examples(icfg.jsonl, icfg, cfg.seed)
-        else:
-            examples = build_examples(corpus, icfg, cfg.seed)
+        examples = build_examples(corpus, icfg, cfg.seed)
         if icfg.mc_jsonl:
             items = [
                 {"question": i.question, "choices": i.choices, "answer": i.answer_index, "subject": i.subject}

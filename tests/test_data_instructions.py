@@ -351,16 +351,16 @@ def test_jsonl_examples_prompt_response_and_messages(tmp_path):
 def test_jsonl_split_is_deterministic_and_follows_the_fractions(tmp_path):
     lines = [json.dumps({"id": i, "prompt": f"q{i}", "response": f"a{i}"}) for i in range(1000)]
     path = write_lines(tmp_path / "many.jsonl", lines)
-    cfg = InstructionConfig(jsonl=str(path), val_fraction=0.2, test_fraction=0.1, eval_per_task=0)
-    df = load_jsonl_examples(path, cfg, seed=5)
+    fractions = {"val_fraction": 0.2, "test_fraction": 0.1}
+    df = load_jsonl_examples(path, seed=5, **fractions)
     counts = df["split"].value_counts()
     assert 150 < counts["val"] < 250 and 60 < counts["test"] < 140
-    pd.testing.assert_frame_equal(df, load_jsonl_examples(path, cfg, seed=5))
+    pd.testing.assert_frame_equal(df, load_jsonl_examples(path, seed=5, **fractions))
     # The split hashes each record's id, not its line: reordering the file keeps every record's split.
     shuffled = write_lines(tmp_path / "shuffled.jsonl", lines[::-1])
-    again = load_jsonl_examples(shuffled, cfg, seed=5).set_index("id")["split"]
+    again = load_jsonl_examples(shuffled, seed=5, **fractions).set_index("id")["split"]
     assert again.sort_index().equals(df.set_index("id")["split"].sort_index())
-    assert not load_jsonl_examples(path, cfg, seed=6)["split"].equals(df["split"])
+    assert not load_jsonl_examples(path, seed=6, **fractions)["split"].equals(df["split"])
 
 
 @pytest.mark.parametrize(
@@ -394,16 +394,16 @@ def test_jsonl_split_is_deterministic_and_follows_the_fractions(tmp_path):
 def test_jsonl_errors_name_path_and_line(tmp_path, line, message):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "fine", "response": "ok"}), "", line])
     with pytest.raises(LmpipeError, match=r"bad\.jsonl:3: ") as err:
-        load_jsonl_examples(path, InstructionConfig(jsonl=str(path)), seed=0)
+        load_jsonl_examples(path, seed=0)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_jsonl_missing_file_and_duplicate_ids(tmp_path):
     with pytest.raises(LmpipeError, match=r"instructions\.jsonl='.*nope\.jsonl': no such file"):
-        load_jsonl_examples(tmp_path / "nope.jsonl", InstructionConfig(), seed=0)
+        load_jsonl_examples(tmp_path / "nope.jsonl", seed=0)
     path = write_lines(tmp_path / "dup.jsonl", [json.dumps({"id": 1, "prompt": "q", "response": "a"})] * 2)
     with pytest.raises(LmpipeError, match=r"dup\.jsonl:2: duplicate example id 'custom:1'"):
-        load_jsonl_examples(path, InstructionConfig(), seed=0)
+        load_jsonl_examples(path, seed=0)
 
 
 # --- Multiple choice ----------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def build_examples(corpus: pd.DataFrame | None, cfg: InstructionConfig, seed: in
     `df.attrs["instructions"]` records the label sets and what was dropped, for `write_examples`.
     """
     if cfg.jsonl:
-        return load_jsonl_examples(cfg.jsonl, cfg, seed)
+        return load_jsonl_examples(cfg.jsonl, seed, cfg.val_fraction, cfg.test_fraction, cfg.eval_per_task)
     if corpus is None:
         raise LmpipeError(
             "instructions: no corpus given and instructions.jsonl is empty; nothing to build from"
@@ -294,8 +294,16 @@ def _excerpt(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_jsonl_examples(path: str | os.PathLike, cfg: InstructionConfig, seed: int) -> pd.DataFrame:
+def load_jsonl_examples(
+    path: str | os.PathLike,
+    seed: int,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    eval_per_task: int = 0,
+) -> pd.DataFrame:
     """A user's examples (task "custom"), split by a seeded hash of each record's "id" (or line number).
+
+    `val_fraction` and `test_fraction` of the records are held out, at most `eval_per_task` of each (0: all).
 
     A record is `{"prompt": str, "response": str}` or `{"messages": [{"role", "content"}, ...]}` whose last
     message, and only that one, is the assistant's response; the other messages' contents (system and user
@@ -326,15 +334,11 @@ def load_jsonl_examples(path: str | os.PathLike, cfg: InstructionConfig, seed: i
         seen[example_id] = where
         # Hash the id (or the line), not the file name, so moving the file keeps every record's split.
         u = _hash_rank(seed, f"id:{record_id}" if record_id is not None else f"line:{line_number}") / 2**64
-        split = (
-            "val" if u < cfg.val_fraction else "test" if u < cfg.val_fraction + cfg.test_fraction else "train"
-        )
+        split = "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
         records.append((example_id, CUSTOM_TASK, prompt, response, None, split, example_id))
     if not records:
         raise LmpipeError(f"{path}: no JSON records, only blank lines; expected one {what} object per line")
-    df = _frame(
-        _subsample_eval(pd.DataFrame(records, columns=list(EXAMPLE_COLUMNS)), cfg.eval_per_task, seed)
-    )
+    df = _frame(_subsample_eval(pd.DataFrame(records, columns=list(EXAMPLE_COLUMNS)), eval_per_task, seed))
     df.attrs["instructions"] = {"label_sets": {}, "dropped_ambiguous": {}, "skipped_short": 0}
     return df
 
