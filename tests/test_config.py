@@ -195,7 +195,7 @@ def test_build_passes_schema_errors_through_and_wraps_others():
     cfg = config.compose(["model.pos_encoding=foo"], conf_dir=CONF)
     with pytest.raises(LmpipeError) as err:
         config.build(cfg.model)
-    assert str(err.value) == "model.pos_encoding='foo': expected one of learned, sinusoidal, rotary"
+    assert str(err.value) == "model.pos_encoding='foo': expected 'learned', 'sinusoidal' or 'rotary'"
 
     bad = OmegaConf.create({"_target_": "lmpipe.model.GPTConfig", "no_such_field": 1})
     with pytest.raises(LmpipeError, match=r"cannot build lmpipe\.model\.GPTConfig: .*no_such_field"):
@@ -296,3 +296,43 @@ def test_one_line():
     assert config.one_line(ValueError("first\n   second  \n\n third")) == "first second third"
     assert config.one_line(KeyError()) == "KeyError"
     assert config.one_line(RuntimeError("  \n ")) == "RuntimeError"
+
+
+# --- schemas of third-party targets, read from source ----------------------------------------------------------
+
+
+def test_trainer_schema_is_read_from_source_without_importing_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lmpipe import config\n"
+        "schema = config.target_schema('lightning.pytorch.Trainer')\n"
+        "assert not any(m.partition('.')[0] == 'lightning' for m in sys.modules), 'lightning was imported'\n"
+        "print(','.join(schema.fields)); print(schema.docs['max_steps'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    fields, max_steps_doc = proc.stdout.splitlines()
+
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    assert fields.split(",") == [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    assert max_steps_doc == "Stop training after this number of steps."
+
+
+def test_describe_shows_trainer_argument_docs():
+    cfg = config.compose([], conf_dir=CONF)
+    lines = config.describe(cfg, ["trainer"]).splitlines()
+    assert lines[0] == "trainer:  (lightning.pytorch.Trainer)"
+    assert "  trainer.num_nodes=1  # Number of GPU nodes for distributed training." in lines
+    assert not any("(default)" in line for line in lines)  # Trainer's dozens of other arguments stay out
+
+
+def test_target_schema_follows_re_exports_and_reports_missing_classes():
+    # omegaconf/__init__.py re-exports it with a relative import; its __init__ takes nothing.
+    assert config.target_schema("omegaconf.OmegaConf").fields == ()
+    with pytest.raises(LmpipeError, match=r"_target_ 'lightning\.pytorch\.NoSuchTrainer' cannot be found"):
+        config.target_schema("lightning.pytorch.NoSuchTrainer")

@@ -134,8 +134,18 @@ def test_failed_stage_marks_its_run_failed(in_store, monkeypatch):
     assert client(in_store).get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_log_metrics_without_an_active_run_is_a_no_op(in_store):
-    tracking.log_metrics({"a": 1.0})
+def test_log_metrics_without_an_active_run_is_a_no_op(in_store, monkeypatch):
+    import mlflow
+
+    logged = []
+    monkeypatch.setattr(mlflow, "log_metrics", lambda *args, **kwargs: logged.append(args))
+    assert mlflow.active_run() is None
+    tracking.log_metrics({"a": 1.0, "nested": {"b": 2}})
+    assert logged == [] and mlflow.active_run() is None  # nothing logged, and no run started to log it in
+    mlflow.set_tracking_uri(f"sqlite:///{in_store}/mlruns.db")
+    with mlflow.start_run(experiment_id=client(in_store).create_experiment("no-op-control")):
+        tracking.log_metrics({"a": 1.0, "nested": {"b": 2}})
+    assert logged == [({"a": 1.0, "nested.b": 2.0},)]  # the same call logs once a run is active
 
 
 @pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "NODE_RANK"])

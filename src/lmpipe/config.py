@@ -22,8 +22,10 @@ import ast
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
+import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -205,20 +207,124 @@ def resolve_target(target: str) -> Any:
         raise LmpipeError(f"config: _target_ '{target}' cannot be imported: {one_line(exc)}") from exc
 
 
-def schema_fields(target: str) -> set[str] | None:
-    """Names the target accepts: dataclass fields, or constructor parameters (None if it takes **kwargs)."""
+@dataclasses.dataclass(frozen=True)
+class TargetSchema:
+    """What `check` and `describe` need to know of a `_target_`."""
+
+    fields: tuple[str, ...] | None
+    """Names it accepts (None: it takes **kwargs, so any key goes)."""
+    docs: dict[str, str]
+    """One line of documentation per field."""
+    lists_defaults: bool
+    """Whether `--help` lists the fields a section leaves out (a dataclass's: a handful, all documented)."""
+
+
+@functools.cache
+def target_schema(target: str) -> TargetSchema:
+    """The schema of a `_target_`: lmpipe's own dataclasses are imported (their modules are kept light), any
+    other target is read from its source with `ast`, so that `--help` and the key check never import a third
+    party stack (Lightning's Trainer costs seconds to import)."""
+    if target.partition(".")[0] != "lmpipe":
+        return _schema_from_source(target)
     obj = resolve_target(target)
     if dataclasses.is_dataclass(obj):
-        return {f.name for f in dataclasses.fields(obj)}
+        return TargetSchema(tuple(f.name for f in dataclasses.fields(obj)), field_docs(obj), True)
     params = inspect.signature(obj).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return TargetSchema(None, {}, False)
+    return TargetSchema(tuple(p.name for p in params if p.name != "self"), {}, False)
+
+
+def schema_fields(target: str) -> set[str] | None:
+    """Names the target accepts: dataclass fields, or constructor parameters (None if it takes **kwargs)."""
+    fields = target_schema(target).fields
+    return None if fields is None else set(fields)
+
+
+def _schema_from_source(target: str) -> TargetSchema:
+    """A class's constructor parameters and their `Args:` docs (Google style), read from its source file."""
+    cls = _class_def(target)
+    init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None:
+        return TargetSchema(None, {}, False)
+    args = init.args
+    if args.kwarg is not None:
+        return TargetSchema(None, {}, False)
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg != "self"]
+    return TargetSchema(tuple(names), _args_docs(ast.get_docstring(init) or "", names), False)
+
+
+def _class_def(target: str, hops: int = 8) -> ast.ClassDef:
+    """The `class` statement of `package.module.Name`, following `from x import Name` re-exports."""
+    module, _, name = target.rpartition(".")
+    for _ in range(hops):
+        path = _module_file(module)
+        if path is None:
+            break
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return node
+        source = next(
+            (
+                (node, alias.name)
+                for node in tree.body
+                if isinstance(node, ast.ImportFrom)
+                for alias in node.names
+                if (alias.asname or alias.name) == name
+            ),
+            None,
+        )
+        if source is None:
+            break
+        node, name = source
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+        module = ".".join([*base, node.module] if node.module else base)
+    raise LmpipeError(f"config: _target_ '{target}' cannot be found in its package's source")
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a dotted module, found without importing it or its parent packages."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None:
         return None
-    return {p.name for p in params if p.name != "self"}
+    roots = [Path(p) for p in spec.submodule_search_locations or []] or [Path(spec.origin).parent]
+    for root in roots:
+        path = root.joinpath(*rest) if rest else root
+        for candidate in (path / "__init__.py", path.with_suffix(".py")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _args_docs(docstring: str, names: Sequence[str]) -> dict[str, str]:
+    """`name: text` entries of a Google-style `Args:` section: the first sentence of each."""
+    docs, current = {}, None
+    for line in docstring.splitlines():
+        match = re.match(r"\s{0,8}(\w+): (.*)", line)
+        if match and match.group(1) in names:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current and line.strip() and not line.strip().startswith("Default:"):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.split(r"(?<=[.!?])\s", " ".join(v.split()), maxsplit=1)[0] for k, v in docs.items()}
 
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: the string literal on the line after each field."""
+    """Attribute docstrings of a dataclass: the string literal on the line after each field, inherited ones
+    included (a schema may reuse fields declared once in a base class)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[:-1]):  # the subclass's own docs win
+        docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -247,16 +353,15 @@ def describe(cfg: DictConfig, sections: Iterable[str]) -> str:
             continue
         target = section.get("_target_")
         lines.append(f"{name}:" + (f"  ({target})" if target else ""))
-        cls = resolve_target(target) if target else None
-        docs = field_docs(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
-        for key in section:
+        schema = target_schema(target) if target else TargetSchema(None, {}, False)
+        values = OmegaConf.to_container(section, resolve=True)
+        for key, value in values.items():
             if str(key).startswith("_"):
                 continue
-            value = OmegaConf.to_container(section, resolve=True)[key]
-            doc = docs.get(str(key), "")
+            doc = schema.docs.get(str(key), "")
             lines.append(f"  {name}.{key}={value!r}" + (f"  # {doc}" if doc else ""))
-        if cls is not None and dataclasses.is_dataclass(cls):
-            for field in dataclasses.fields(cls):
-                if field.name not in section:
-                    lines.append(f"  {name}.{field.name} (default)  # {docs.get(field.name, '')}")
+        if schema.lists_defaults:
+            for field in schema.fields:
+                if field not in section:
+                    lines.append(f"  {name}.{field} (default)  # {schema.docs.get(field, '')}")
     return "\n".join(lines)

@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ TAG_STAGE = "lmpipe.stage"
 TAG_KIND = "lmpipe.kind"
 
 
-@dataclass
+@config.schema("logger")
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns.db"
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable takes precedence."""
