@@ -43,7 +43,8 @@ from lmpipe.compress import QuantizeConfig, quantize_onnx
 from lmpipe.errors import LmpipeError
 from lmpipe.evaluation.lm import model_nll, perplexity
 from lmpipe.export import ExportConfig, export_onnx
-from lmpipe.inference.engine import CONFIG_FILE, ONNX_FILE, OrtEngine
+from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
+from lmpipe.inference.engine import OrtEngine
 from lmpipe.model import GPT, load_model, save_checkpoint
 from lmpipe.tokenizer import (
     TOKENIZER_CONFIG_FILE,
@@ -261,7 +262,7 @@ def prepare(args, cfg, scratch: Path) -> Subject:
         calibration = _split(cfg, "val") if qcfg.method == "static" else None
         int8_dir = scratch / "onnx" / "int8"
         quantize_onnx(onnx_dir, int8_dir, qcfg, calibration)
-    fp32_config, int8_config = (json.loads((d / CONFIG_FILE).read_text()) for d in (onnx_dir, int8_dir))
+    fp32_config, int8_config = (json.loads((d / ONNX_CONFIG_FILE).read_text()) for d in (onnx_dir, int8_dir))
     if int8_config.get("model") != fp32_config.get("model"):
         raise LmpipeError(
             f"{int8_dir} was quantized from a model of another shape than {onnx_dir}: re-run the quantize "

@@ -18,6 +18,7 @@ def main(cfg):
     import mlflow
 
     from lmpipe.evaluation.suite import evaluate_all
+    from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
 
     with tracking.stage_run("evaluate", cfg, SECTIONS):
@@ -27,7 +28,7 @@ def main(cfg):
         metrics_dir = Path(cfg.paths.metrics)
         atomic.write_json(metrics_dir / "evaluate.json", ev.results)
         atomic.write_text(metrics_dir / "evaluate.md", ev.report)
-        atomic.write_text(metrics_dir / "samples.txt", format_samples(ev.samples))
+        atomic.write_text(metrics_dir / SAMPLES_FILE, format_samples(ev.samples))
         with atomic.atomic_path(Path(cfg.paths.plots) / "confusion") as tmp:
             tmp.mkdir()
             for task, rows in ev.confusion.items():
@@ -37,7 +38,7 @@ def main(cfg):
 
         tracking.log_metrics(ev.results)
         mlflow.log_text(ev.report, "evaluate.md")
-        mlflow.log_text(format_samples(ev.samples), "samples.txt")
+        mlflow.log_text(format_samples(ev.samples), SAMPLES_FILE)
         print(ev.report)
 
 

@@ -18,6 +18,7 @@ SECTIONS = ("seed", "paths", "export", "prune", "logger")
 def main(cfg):
     from lmpipe.compress import prune_model
     from lmpipe.export import export_onnx
+    from lmpipe.formats import MODEL_FILE
     from lmpipe.model import load_model
     from lmpipe.training.outputs import write_model_dir
 
@@ -34,7 +35,7 @@ def main(cfg):
             )
         if pcfg.sparsity > 0:
             variant = f"{'teacher' if pcfg.source == 'sft' else pcfg.source}-pruned"
-            model, extra = load_model(models / pcfg.source / "model.pt")
+            model, extra = load_model(models / pcfg.source / MODEL_FILE)
             sparsity = prune_model(model, pcfg)
             with tempfile.TemporaryDirectory() as tmp:
                 pruned_dir = write_model_dir(

@@ -3,7 +3,8 @@
 Each directory of `register.variants` under `paths.onnx` becomes a version (a pyfunc that
 `mlflow models serve` runs), tagged with its evaluate.json metrics and described by a model card. The new
 version of `register.candidate` gets alias `candidate`, and takes alias `champion` only if it beats the
-current champion on `register.metric` by more than `register.min_improvement`.
+current champion on `register.metric` by more than `register.min_improvement`. The card describes the corpus
+from the `data` section the pipeline prepared it with.
 
 Outs: <paths.metrics>/register.json (versions, aliases, the gate's decision).
 """
@@ -15,13 +16,15 @@ from lmpipe import atomic, config, tracking
 from lmpipe.errors import LmpipeError, require_file
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "register", "logger")
+SECTIONS = ("seed", "paths", "data", "register", "logger")
 
 
 def main(cfg):
     import mlflow
 
     from lmpipe import registry
+    from lmpipe.inference.onnx_dir import read_onnx_config
+    from lmpipe.model_card import model_card
 
     rcfg = config.build(cfg.register)
     metrics_dir, onnx = Path(cfg.paths.metrics), Path(cfg.paths.onnx)
@@ -33,7 +36,7 @@ def main(cfg):
     # Check every input before registering anything, so a bad one leaves the registry as it was.
     model_dirs = {v: onnx / v for v in rcfg.variants}
     for model_dir in model_dirs.values():
-        registry.onnx_config(model_dir)
+        read_onnx_config(model_dir)
     value = registry.lookup_metric(evaluation, rcfg.candidate, rcfg.metric, source=str(source))
 
     commit, dirty = tracking.git_commit()
@@ -45,7 +48,7 @@ def main(cfg):
         versions = {}
         for variant, model_dir in model_dirs.items():
             metrics = registry.variant_metrics(evaluation, variant)
-            card = registry.model_card(model_dir, metrics, provenance)
+            card = model_card(model_dir, metrics, provenance, config.to_container(cfg.data))
             versions[variant] = str(registry.log_model(model_dir, rcfg, metrics, card).version)
         client = mlflow.MlflowClient()
         decision = registry.promote(client, rcfg, versions[rcfg.candidate], value)

@@ -193,7 +193,7 @@ def test_generate_bad_options_are_one_line(tiny_export, capsys):
     export_dir, _ = tiny_export
     assert cli.main(["generate", "--model", str(export_dir), "--top-p", "2", "God"]) == 2
     out, err = capsys.readouterr()
-    assert (out, err) == ("", "lmpipe generate: error: top_p=2.0: expected a number in (0, 1]\n")
+    assert (out, err) == ("", "lmpipe generate: error: top_p=2.0: expected a value less than or equal to 1\n")
     assert cli.main(["generate", "--model", str(export_dir), "--max-tokens", "64", "God"]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert "+ max_new_tokens=64 exceeds block_size=64" in line
@@ -230,7 +230,10 @@ def test_serve_builds_its_config_from_the_options(monkeypatch, capsys):
     assert cli.main(["serve"]) == 0
     assert served[-1] == serve.ServeConfig() and serve.ServeConfig().model == cli.DEFAULT_MODEL
     assert cli.main(["serve", "--port", "0"]) == 2
-    assert capsys.readouterr().err == "lmpipe serve: error: serve.port=0: expected an integer in 1..65535\n"
+    assert (
+        capsys.readouterr().err
+        == "lmpipe serve: error: serve.port=0: expected a value greater than or equal to 1\n"
+    )
 
 
 def test_cli_start_up_imports_no_inference_or_web_stack():

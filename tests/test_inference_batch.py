@@ -7,34 +7,20 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from tiny_models import export_tiny_model
+from registry_store import tiny_export
 
 from lmpipe.errors import LmpipeError
-from lmpipe.export import ExportConfig
 from lmpipe.inference.batch import InferConfig, read_prompts, run_batch
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-] * 3
 PROMPTS = ["In the beginning", "And the earth was", "God", "darkness upon", "the deep"]
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory):
-    """A tiny GPT (weights at std 0.3, so its output depends on the prompt) exported to <tmp>/onnx/tiny."""
-    root = tmp_path_factory.mktemp("batch")
-    export_tiny_model(
-        root,
-        root / "onnx" / "tiny",
-        ExportConfig(parity_decode_steps=1, parity_batch=1),
-        sentences=SENTENCES,
-        n_layer=1,
-    )
-    return root / "onnx" / "tiny"
+    return tiny_export(tmp_path_factory.mktemp("batch"))
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +142,15 @@ def test_an_over_long_prompt_fails_before_anything_is_written(onnx_dir, tmp_path
 
 def test_a_missing_model_is_one_line(tmp_path):
     held_out(tmp_path, ["God"])
-    with pytest.raises(LmpipeError, match=r"model '.*nowhere': no such directory"):
+    with pytest.raises(LmpipeError, match=r"missing model directory .*nowhere: build it"):
         run_batch(InferConfig(model=str(tmp_path / "nowhere")), tmp_path / "g.jsonl", tmp_path)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"limit": 0}, r"infer.limit=0: expected an integer >= 1"),
+        ({"limit": 0}, r"infer.limit=0: expected a value greater than or equal to 1"),
+        ({"top_p": 1.5}, r"infer.top_p=1.5: expected a value less than or equal to 1"),
         ({"max_tokens": 0}, r"infer.max_tokens=0"),
         ({"batch_size": True}, r"infer.batch_size=True"),
         ({"model": ""}, r"infer.model='': expected a directory or a models:/ URI"),

@@ -129,8 +129,10 @@ def test_stream_deltas_concatenate_to_the_generated_text(exported, stop):
     params = GenerationParams(max_new_tokens=30, stop=stop if stop is not None else [late_stop(full.text)])
     [expected] = engine.generate(["And the earth"], params)
     deltas = list(engine.stream("And the earth", params))
-    assert "".join(deltas) == expected.text
-    assert len(deltas) > 3 and all(deltas)
+    assert "".join(d.text for d in deltas) == expected.text
+    assert len(deltas) > 3 and all(d.text for d in deltas[:-1])
+    # Only the last delta says why the completion ended, as `generate` does.
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + [expected.finish_reason]
 
 
 def test_stream_holds_back_incomplete_characters_and_possible_stop_starts():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lmpipe.errors import LmpipeError
-from lmpipe.inference.sampling import GenerationParams, sample_next
+from lmpipe.inference.sampling import DEFAULTS, GenerationParams, sample_next
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -84,6 +84,12 @@ def test_invalid_params_raise_one_line_naming_the_field(field, value):
     with pytest.raises(LmpipeError, match=rf"^{field}=") as err:
         GenerationParams(**{field: value})
     assert "\n" not in str(err.value)
+
+
+def test_the_defaults_are_greedy_64_tokens_with_fresh_entropy():
+    assert DEFAULTS == GenerationParams(
+        max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, stop=[], seed=None
+    )
 
 
 def test_stop_accepts_a_tuple_as_a_list():

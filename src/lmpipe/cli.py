@@ -8,7 +8,8 @@ import sys
 from lmpipe.errors import LmpipeError
 
 DEFAULT_MODEL = "models/onnx/teacher-int8"
-"""The model `generate` and `serve` load when --model is not given (lmpipe.serve.ServeConfig's default)."""
+"""The model `generate` and `serve` load when --model is not given (lmpipe.serve.ServeConfig's default, which a
+test keeps equal: importing it here would load pydantic for every subcommand)."""
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -31,17 +32,19 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Complete the prompts with an ONNX export and print the completions (as they come, with --stream)."""
     from lmpipe.inference.engine import OrtEngine
+    from lmpipe.inference.resolver import resolve_model
     from lmpipe.inference.sampling import GenerationParams
-    from lmpipe.serve import resolve_model
 
-    params = GenerationParams(
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop=args.stop or [],
-        seed=args.seed,
-    )
+    given = {
+        "max_new_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "stop": args.stop,
+        "seed": args.seed,
+    }
+    # Options left out take GenerationParams' defaults: the sampling defaults are declared there only.
+    params = GenerationParams(**{k: v for k, v in given.items() if v is not None})
     engine = OrtEngine(resolve_model(args.model), args.threads)
     chat = not args.raw
     if not args.stream:
@@ -52,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(("\n" if i else "") + f"==> {prompt} <==")
         if args.stream:
             for delta in engine.stream(prompt, params, chat=chat):
-                print(delta, end="", flush=True)
+                print(delta.text, end="", flush=True)
             print()
         else:
             print(completions[i].text)
@@ -83,17 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     model_help = f"ONNX export directory or models:/<name>@<alias> registry URI (default {DEFAULT_MODEL})"
-    p = sub.add_parser("generate", help="complete prompts with an ONNX export and print the completions")
+    p = sub.add_parser(
+        "generate",
+        help="complete prompts with an ONNX export and print the completions",
+        description="Sampling options left out take the defaults of lmpipe.inference.sampling.GenerationParams.",
+    )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one completion each)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens generated per prompt (default 64)")
-    p.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"
-    )
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    # No defaults here: GenerationParams holds them (importing it would slow every subcommand's start).
+    p.add_argument("--max-tokens", type=int, help="most tokens generated per prompt")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off")
     p.add_argument("--stop", action="append", metavar="S", help="stop sequence (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh entropy)")
+    p.add_argument("--seed", type=int, help="sampling seed; without one, fresh entropy")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = one per core")
     p.add_argument("--raw", action="store_true", help="complete the raw text, without the chat template")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")

@@ -29,92 +29,57 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from lmpipe.atomic import atomic_path, write_json
+from lmpipe.config import schema
 from lmpipe.errors import LmpipeError
-from lmpipe.inference.engine import CONFIG_FILE, ONNX_FILE
+from lmpipe.export import METADATA_KEY
+from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
+from lmpipe.inference.onnx_dir import read_onnx_config
 
 if TYPE_CHECKING:
     import onnx
 
     from lmpipe.model import GPT
 
-QUANTIZE_METHODS = ("dynamic", "static")
-PRUNE_METHODS = ("unstructured", "rows")
 QUANTIZED_OPS = ("MatMul",)
 """Op types ONNX Runtime quantizes (MatMuls with a constant weight; see the module docstring for the embedding)."""
-_METADATA_KEY = "lmpipe_config"
-"""Same key as lmpipe.export.METADATA_KEY (not imported: that would load torch for a quantization run)."""
 
 
-@dataclass
+@schema("quantize")
 class QuantizeConfig:
-    variants: list[str] = field(default_factory=lambda: ["teacher", "student"])
+    variants: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = field(
+        default_factory=lambda: ["teacher", "student"]
+    )
     """ONNX export directories under paths.onnx to quantize; each is written to <name>-int8 beside it."""
-    method: str = "dynamic"
+    method: Literal["dynamic", "static"] = "dynamic"
     """dynamic (activations quantized on the fly) or static (activation ranges calibrated on the val split)."""
     per_channel: bool = False
     """One weight scale per output channel instead of per matrix (the tied embedding is then stored twice)."""
-    calibration_windows: int = 64
+    calibration_windows: Annotated[int, Field(ge=1)] = 64
     """static only: block_size-token windows of the val split run through the model to calibrate."""
 
     def __post_init__(self):
-        if (
-            isinstance(self.variants, str)
-            or not self.variants
-            or not all(isinstance(v, str) and v for v in self.variants)
-        ):
-            raise LmpipeError(
-                f"quantize.variants={self.variants!r}: expected a non-empty list of export directory names"
-            )
         if len(set(self.variants)) != len(self.variants):
             raise LmpipeError(f"quantize.variants={self.variants!r}: expected each name once")
-        self.variants = list(self.variants)
-        if self.method not in QUANTIZE_METHODS:
-            raise LmpipeError(
-                f"quantize.method={self.method!r}: expected one of {', '.join(QUANTIZE_METHODS)}"
-            )
-        if not isinstance(self.per_channel, bool):
-            raise LmpipeError(f"quantize.per_channel={self.per_channel!r}: expected true or false")
-        if (
-            isinstance(self.calibration_windows, bool)
-            or not isinstance(self.calibration_windows, int)
-            or self.calibration_windows < 1
-        ):
-            raise LmpipeError(
-                f"quantize.calibration_windows={self.calibration_windows!r}: expected an integer >= 1"
-            )
 
 
-@dataclass
+@schema("prune")
 class PruneConfig:
-    sparsity: float = 0.0
+    sparsity: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Fraction of each pruned weight matrix set to zero (0 disables pruning)."""
-    method: str = "unstructured"
+    method: Literal["unstructured", "rows"] = "unstructured"
     """unstructured (smallest |w| anywhere) or rows (whole output rows with the smallest L2 norm)."""
-    source: str = "sft"
+    source: Annotated[str, Field(min_length=1)] = "sft"
     """Model directory under paths.models to prune."""
     skip_embeddings: bool = True
     """Leave the (tied) token embedding / LM head matrix unpruned; only attention and MLP layers are pruned."""
-
-    def __post_init__(self):
-        if (
-            isinstance(self.sparsity, bool)
-            or not isinstance(self.sparsity, int | float)
-            or not 0 <= self.sparsity < 1
-        ):
-            raise LmpipeError(f"prune.sparsity={self.sparsity!r}: expected a fraction in [0, 1)")
-        if self.method not in PRUNE_METHODS:
-            raise LmpipeError(f"prune.method={self.method!r}: expected one of {', '.join(PRUNE_METHODS)}")
-        if not isinstance(self.source, str) or not self.source:
-            raise LmpipeError(f"prune.source={self.source!r}: expected a model directory name")
-        if not isinstance(self.skip_embeddings, bool):
-            raise LmpipeError(f"prune.skip_embeddings={self.skip_embeddings!r}: expected true or false")
 
 
 # --- quantization ---------------------------------------------------------------------------------------------
@@ -137,10 +102,10 @@ def quantize_onnx(
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    src_model, config = _read_export(src_dir)
+    src_model, config = src_dir / ONNX_FILE, read_onnx_config(src_dir)
     if config.get("quantization", "none") != "none":
         raise LmpipeError(
-            f"{src_dir / CONFIG_FILE} says quantization={config['quantization']!r}: expected an fp32 export"
+            f"{src_dir / ONNX_CONFIG_FILE} says quantization={config['quantization']!r}: expected an fp32 export"
         )
     if cfg.method == "static":
         windows = _calibration_windows(calibration_tokens, config["block_size"], cfg.calibration_windows)
@@ -190,9 +155,9 @@ def quantize_onnx(
         _set_metadata(quantized, config)
         onnx.save(quantized, out)
         for path in src_dir.iterdir():
-            if path.is_file() and path.name not in (ONNX_FILE, CONFIG_FILE):
+            if path.is_file() and path.name not in (ONNX_FILE, ONNX_CONFIG_FILE):
                 shutil.copy(path, tmp / path.name)
-        write_json(tmp / CONFIG_FILE, config)
+        write_json(tmp / ONNX_CONFIG_FILE, config)
         dst_bytes = out.stat().st_size
     src_bytes = src_model.stat().st_size
     return {"src_bytes": src_bytes, "dst_bytes": dst_bytes, "ratio": dst_bytes / src_bytes}
@@ -212,27 +177,6 @@ def _calibration_windows(tokens: np.ndarray | None, block_size: int, n_windows: 
     n = min(n_windows, len(tokens) // length)
     starts = np.linspace(0, len(tokens) - length, n).round().astype(np.int64)
     return np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
-
-
-def _read_export(src_dir: Path) -> tuple[Path, dict]:
-    src_model, config_path = src_dir / ONNX_FILE, src_dir / CONFIG_FILE
-    for path in (src_model, config_path):
-        if not path.is_file():
-            raise LmpipeError(f"missing {path}: expected an ONNX export directory (run the export stage)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LmpipeError(f"{config_path} is not valid JSON: {exc}") from exc
-    missing = [
-        k
-        for k in ("input_names", "n_layer", "n_head", "head_dim", "vocab_size", "block_size", "variant")
-        if k not in config
-    ]
-    if missing:
-        raise LmpipeError(
-            f"{config_path} lacks {', '.join(missing)}: expected a config written by lmpipe.export"
-        )
-    return src_model, config
 
 
 def _prefill_reader(windows: np.ndarray, config: dict):
@@ -345,10 +289,10 @@ def _drop_node_metadata(model: onnx.ModelProto) -> None:
 def _set_metadata(model: onnx.ModelProto, config: dict) -> None:
     """Keep the graph's copy of config.json (written by lmpipe.export) in step with the new config.json."""
     for prop in model.metadata_props:
-        if prop.key == _METADATA_KEY:
+        if prop.key == METADATA_KEY:
             prop.value = json.dumps(config, sort_keys=True)
             return
-    model.metadata_props.add(key=_METADATA_KEY, value=json.dumps(config, sort_keys=True))
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(config, sort_keys=True))
 
 
 @contextlib.contextmanager

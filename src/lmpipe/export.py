@@ -21,19 +21,22 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
-from torch import nn
+from pydantic import Field
 
 from lmpipe.atomic import atomic_path, write_json
+from lmpipe.config import schema
 from lmpipe.errors import LmpipeError
-from lmpipe.inference.engine import CONFIG_FILE, ONNX_FILE, OrtEngine
-from lmpipe.model import GPT, load_model
-from lmpipe.tokenizer import END, EOT, PAD, TOKENIZER_FILE, copy_tokenizer, load_tokenizer
+from lmpipe.formats import END, EOT, MODEL_FILE, ONNX_CONFIG_FILE, ONNX_FILE, PAD, TOKENIZER_FILE
+from lmpipe.inference.engine import OrtEngine
+from lmpipe.tokenizer import copy_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch loads only when a model is exported, so the config schema loads fast
+    from lmpipe.model import GPT
 
 PARITY_FILE = "parity.json"
 """The parity report written by `export_onnx`."""
@@ -45,7 +48,7 @@ _PARITY_PREFILL_TOKENS = 16
 """Longest prompt in the parity batch (shorter if block_size leaves no room for the decode steps)."""
 
 
-@dataclass
+@schema("export")
 class ExportConfig:
     models: dict[str, str] = field(
         default_factory=lambda: {
@@ -55,24 +58,14 @@ class ExportConfig:
         }
     )
     """ONNX variant name -> model directory under paths.models, each exported to <paths.onnx>/<variant>."""
-    opset: int = 20
+    opset: Annotated[int, Field(ge=MIN_OPSET)] = 20
     """ONNX opset version of the exported graph (18 or later)."""
-    parity_atol: float = 1e-3
+    parity_atol: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-3
     """Largest max-abs logit difference between ONNX Runtime and PyTorch that the export accepts."""
-    parity_decode_steps: int = 8
+    parity_decode_steps: Annotated[int, Field(ge=0)] = 8
     """Cached decode steps compared after the prefill in the parity check."""
-    parity_batch: int = 2
+    parity_batch: Annotated[int, Field(ge=1)] = 2
     """Rows in the parity batch (the first is left-padded)."""
-
-    def __post_init__(self):
-        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < MIN_OPSET:
-            raise LmpipeError(f"export.opset={self.opset!r}: expected an integer >= {MIN_OPSET}")
-        if not isinstance(self.parity_atol, int | float) or not 0 <= self.parity_atol < float("inf"):
-            raise LmpipeError(f"export.parity_atol={self.parity_atol!r}: expected a finite number >= 0")
-        for name, least in (("parity_decode_steps", 0), ("parity_batch", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise LmpipeError(f"export.{name}={value!r}: expected an integer >= {least}")
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -85,19 +78,27 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-class OnnxGraphModule(nn.Module):
+def graph_module(model: GPT):
     """The GPT with the graph's flat signature: tensors in, (logits, present k/v per layer) out."""
+    from torch import nn
 
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
+    class OnnxGraphModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-    def forward(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]):
-        past_kv = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
-        out = self.model(
-            input_ids, positions=position_ids, past_kv=past_kv, attention_mask=attention_mask, use_cache=True
-        )
-        return (out.logits, *(t for kv in out.past_kv for t in kv))
+        def forward(self, input_ids, position_ids, attention_mask, past):
+            past_kv = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
+            out = self.model(
+                input_ids,
+                positions=position_ids,
+                past_kv=past_kv,
+                attention_mask=attention_mask,
+                use_cache=True,
+            )
+            return (out.logits, *(t for kv in out.past_kv for t in kv))
+
+    return OnnxGraphModule()
 
 
 def export_onnx(
@@ -113,8 +114,12 @@ def export_onnx(
     leaving `out_dir` untouched, when ONNX Runtime's logits differ from PyTorch's by more than
     `cfg.parity_atol`.
     """
+    import torch
+
+    from lmpipe.model import load_model
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, _ = load_model(model_dir / "model.pt")
+    model, _ = load_model(model_dir / MODEL_FILE)
     model = model.float().eval()
     mcfg = model.config
     tok = load_tokenizer(model_dir / TOKENIZER_FILE)
@@ -155,7 +160,7 @@ def export_onnx(
         started = time.perf_counter()
         _export_graph(model, tmp / ONNX_FILE, cfg.opset, config)
         export_seconds = time.perf_counter() - started
-        write_json(tmp / CONFIG_FILE, config)
+        write_json(tmp / ONNX_CONFIG_FILE, config)
         copy_tokenizer(model_dir, tmp)
         report = parity_check(model, tmp, cfg, seed)
         report.update(
@@ -177,6 +182,7 @@ def export_onnx(
 
 def _export_graph(model: GPT, path: Path, opset: int, config: dict) -> None:
     """Trace the model with the dynamo exporter and save one self-contained ONNX file."""
+    import torch
     from torch.export import Dim
 
     mcfg = model.config
@@ -200,7 +206,7 @@ def _export_graph(model: GPT, path: Path, opset: int, config: dict) -> None:
     inputs, outputs = config["input_names"], config["output_names"]
     with _quiet_exporter():
         program = torch.onnx.export(
-            OnnxGraphModule(model).eval(),
+            graph_module(model).eval(),
             args,
             None,
             dynamo=True,
@@ -236,6 +242,8 @@ def parity_check(model: GPT, export_dir: Path, cfg: ExportConfig, seed: int) -> 
     compared on real tokens only (a padding query's logits are never used); then `parity_decode_steps`
     random tokens are fed one at a time, each runtime carrying its own cache.
     """
+    import torch
+
     mcfg = model.config
     steps = cfg.parity_decode_steps
     prompt_len = _parity_prompt_len(cfg, mcfg.block_size)

@@ -7,50 +7,51 @@ quantised models) and `markdown_table` renders them side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
-from lmpipe.errors import LmpipeError
+from pydantic import Field
+
+from lmpipe.config import schema
 from lmpipe.evaluation.lm import bits_per_byte, model_nll, perplexity
 from lmpipe.evaluation.ngram import KneserNeyLM, select_order
 from lmpipe.tokenizer import read_meta, read_shard
 
 
-@dataclass
+@schema("evaluate")
 class EvaluateConfig:
-    variants: list[str] = field(default_factory=lambda: ["models/pretrain", "models/sft"])
+    variants: Annotated[list[str], Field(min_length=1)] = field(
+        default_factory=lambda: ["models/pretrain", "models/sft"]
+    )
     """Model directories to evaluate side by side (rows of the tables), in order."""
-    ngram_orders: list[int] = field(default_factory=lambda: [3, 4, 5])
+    ngram_orders: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = field(
+        default_factory=lambda: [3, 4, 5]
+    )
     """n-gram orders tried for the Kneser-Ney baseline; the best on val is scored on test."""
-    batch_size: int = 16
+    batch_size: Annotated[int, Field(ge=1)] = 16
     """Windows per forward pass when scoring the GPT."""
-    stride: int = 0
+    stride: Annotated[int, Field(ge=0)] = 0
     """Sliding-window stride for GPT scoring (more context per token, more compute); 0 = non-overlapping."""
-    num_samples: int = 3
+    num_samples: Annotated[int, Field(ge=0)] = 3
     """Generated samples written to the report."""
-    sample_tokens: int = 64
+    sample_tokens: Annotated[int, Field(ge=1)] = 64
     """New tokens per generated sample."""
-    sample_prompts: list[str] = field(default_factory=lambda: ["And God said"])
+    sample_prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = field(
+        default_factory=lambda: ["And God said"]
+    )
     """Prompts for the generated samples (plain text continuation, from the first variant)."""
     tasks: bool = True
     """Run the instruction-task benchmark (classification, exact match, multiple choice) on every variant."""
-    max_new_tokens: int = 32
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
     """Greedy tokens generated per free-text task answer (label answers get just enough for the longest label)."""
     tfidf: bool = True
     """Add the TF-IDF + logistic regression baseline on the label tasks."""
     speed: bool = True
     """Measure decode tokens/s (batch 1 and 8) and prefill latency (p50/p95) of every variant."""
-    threads: int = 1
+    threads: Annotated[int, Field(ge=0)] = 1
     """Intra-op threads of every variant (ONNX Runtime sessions, and PyTorch while its speed is measured); 0 =
     each runtime's default. One is fastest for these small models on 2 cores (int8 most of all)."""
-
-    def __post_init__(self):
-        if not self.variants:
-            raise LmpipeError("evaluate.variants=[]: expected at least one model directory")
-        if not self.ngram_orders or min(self.ngram_orders) < 1:
-            raise LmpipeError(f"evaluate.ngram_orders={self.ngram_orders}: expected a list of orders >= 1")
-        if self.batch_size < 1 or self.stride < 0:
-            raise LmpipeError("evaluate.batch_size must be >= 1 and evaluate.stride >= 0")
 
 
 def _row(total_nats: float, n_tokens: int, n_bytes: int, **extra) -> dict:

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from lmpipe.chat import CHAT_TEMPLATE, prompt_text
 from lmpipe.errors import LmpipeError
-from lmpipe.tokenizer import END, EOT, PAD
+from lmpipe.formats import END, EOT, PAD
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -21,8 +21,8 @@ from lmpipe.evaluation.report import EvaluateConfig, markdown_table, model_row, 
 from lmpipe.evaluation.speed import measure, torch_threads
 from lmpipe.evaluation.tasks import variant_table
 from lmpipe.evaluation.variants import load_variant
+from lmpipe.formats import EOT, MC_FILE
 from lmpipe.text_samples import generate_samples
-from lmpipe.tokenizer import EOT
 
 LM_COLUMNS = ["test_ppl", "test_bpb", "test_nll_per_token", "parameters", "order"]
 TASK_COLUMNS = [
@@ -88,7 +88,7 @@ def evaluate_all(
         smallest = min(variants.values(), key=lambda v: v.scorer.block_size).scorer
         test, mc_items, skipped = fitting(
             read_examples(instructions_dir, "test"),
-            read_mc_jsonl(instructions_dir / "mc_test.jsonl"),
+            read_mc_jsonl(instructions_dir / MC_FILE),
             smallest,
             label_sets,
             ecfg.max_new_tokens,

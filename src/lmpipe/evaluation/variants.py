@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import HEADS_FILE, MODEL_FILE, ONNX_FILE, TOKENIZER_FILE
 
-ONNX_FILE = "model.onnx"
-TORCH_FILE = "model.pt"
+
+def onnx_row(directory_name: str) -> str:
+    """Row name of an ONNX export directory in the evaluation tables (and in evaluate.json): onnx-<name>."""
+    return f"onnx-{directory_name}"
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Variant:
 
     @property
     def file_bytes(self) -> int:
-        return (self.directory / (ONNX_FILE if self.kind == "onnx" else TORCH_FILE)).stat().st_size
+        return (self.directory / (ONNX_FILE if self.kind == "onnx" else MODEL_FILE)).stat().st_size
 
 
 def torch_variant_name(extra: dict) -> str:
@@ -57,7 +60,7 @@ def load_variant(directory: str | Path, threads: int = 0) -> Variant:
 
         engine = OrtEngine(directory, threads)
         return Variant(
-            f"onnx-{directory.name}",
+            onnx_row(directory.name),
             directory,
             "onnx",
             OrtLanguageModel(engine),
@@ -65,15 +68,15 @@ def load_variant(directory: str | Path, threads: int = 0) -> Variant:
             ort_step(engine),
             engine.vocab_size,
         )
-    if (directory / TORCH_FILE).is_file():
+    if (directory / MODEL_FILE).is_file():
         from lmpipe.chat import load_chat_template
         from lmpipe.evaluation.scoring import TorchScorer
         from lmpipe.evaluation.speed import torch_step
         from lmpipe.model import load_model
-        from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
-        from lmpipe.training.heads import HEADS_FILE, load_head_classifier
+        from lmpipe.tokenizer import load_tokenizer
+        from lmpipe.training.heads import load_head_classifier
 
-        model, extra = load_model(directory / TORCH_FILE)
+        model, extra = load_model(directory / MODEL_FILE)
         scorer = TorchScorer(model, load_tokenizer(directory / TOKENIZER_FILE), load_chat_template(directory))
         heads = load_head_classifier(directory) if (directory / HEADS_FILE).exists() else None
         return Variant(
@@ -87,5 +90,5 @@ def load_variant(directory: str | Path, threads: int = 0) -> Variant:
             heads,
         )
     raise LmpipeError(
-        f"{directory}: no {ONNX_FILE} or {TORCH_FILE}; expected a model directory written by a stage"
+        f"{directory}: no {ONNX_FILE} or {MODEL_FILE}; expected a model directory written by a stage"
     )

@@ -12,51 +12,54 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
 
 from lmpipe.atomic import atomic_path
+from lmpipe.config import schema
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import split_file
+from lmpipe.inference.sampling import DEFAULTS
 
-HELD_OUT_FILE = "test.jsonl"
+HELD_OUT_FILE = split_file("test")
 """The held-out instruction examples under paths.instructions, the default prompts."""
 
 
-@dataclass
+def _model_ref(value: str) -> str:
+    if not value:
+        raise ValueError("a directory or a models:/ URI")
+    return value
+
+
+@schema("infer")
 class InferConfig:
     prompts: str = ""
     """Prompts file: .jsonl with a "prompt" per line, else text, one prompt a line; "" = held-out examples."""
-    limit: int = 20
+    limit: Annotated[int, Field(ge=1)] = 20
     """How many held-out examples to run when `prompts` is empty (a prompts file always runs whole)."""
-    model: str = "models:/lmpipe@champion"
+    model: Annotated[str, AfterValidator(_model_ref)] = "models:/lmpipe@champion"
     """Model: an ONNX export directory, models:/<name>@<alias> or models:/<name>/<version>."""
-    max_tokens: int = 64
+    max_tokens: Annotated[int, Field(ge=1)] = DEFAULTS.max_new_tokens
     """Most tokens generated per prompt."""
-    temperature: float = 0.0
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = DEFAULTS.temperature
     """Sampling temperature; 0 = greedy."""
-    top_k: int = 0
+    top_k: Annotated[int, Field(ge=0)] = DEFAULTS.top_k
     """Sample among the k most likely tokens only; 0 = no limit."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = DEFAULTS.top_p
     """Nucleus sampling threshold; 1 = no limit."""
-    seed: int = 0
-    """Seed of the sampling random generator (ignored when greedy)."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the sampling random generator (ignored when greedy); fixed, unlike the engine's, so a stage
+    re-run reproduces its outputs."""
     chat: bool = True
     """Format each prompt with the model's chat template (False: the raw text continues)."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Field(ge=1)] = 8
     """Prompts generated together in one batch."""
-    threads: int = 0
+    threads: Annotated[int, Field(ge=0)] = 0
     """ONNX Runtime intra-op threads; 0 = its default (one per core)."""
     output: str = ""
     """Output JSONL; "" = paths.generations."""
-
-    def __post_init__(self):
-        for name, least in (("limit", 1), ("max_tokens", 1), ("batch_size", 1), ("threads", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise LmpipeError(f"infer.{name}={value!r}: expected an integer >= {least}")
-        if not isinstance(self.model, str) or not self.model:
-            raise LmpipeError(f"infer.model={self.model!r}: expected a directory or a models:/ URI")
 
 
 def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
@@ -113,8 +116,8 @@ def run_batch(
     seconds, tokens_per_s, finish reasons, and the model directory used.
     """
     from lmpipe.inference.engine import OrtEngine
+    from lmpipe.inference.resolver import resolve_model
     from lmpipe.inference.sampling import GenerationParams
-    from lmpipe.registry import resolve_model_dir
 
     params = GenerationParams(
         max_new_tokens=cfg.max_tokens,
@@ -123,7 +126,7 @@ def run_batch(
         top_p=cfg.top_p,
         seed=cfg.seed,
     )
-    model_dir = resolve_model_dir(cfg.model, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    model_dir = resolve_model(cfg.model, cache_dir=cache_dir, tracking_uri=tracking_uri)
     engine = OrtEngine(model_dir, threads=cfg.threads)
 
     def fits(prompt: str) -> bool:

@@ -9,36 +9,20 @@ for it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lmpipe.chat import load_chat_template, prompt_text
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import ONNX_FILE, TOKENIZER_FILE
+from lmpipe.inference.onnx_dir import read_onnx_config
 from lmpipe.inference.sampling import GenerationParams, sample_next
-from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
+from lmpipe.tokenizer import load_tokenizer
 
-ONNX_FILE = "model.onnx"
-"""The graph inside an export directory."""
-CONFIG_FILE = "config.json"
-"""What a runtime needs besides the graph: model shape, io names, special-token ids."""
-_CONFIG_KEYS = (
-    "input_names",
-    "output_names",
-    "n_layer",
-    "n_head",
-    "head_dim",
-    "vocab_size",
-    "block_size",
-    "end_id",
-    "eot_id",
-    "pad_id",
-    "variant",
-)
 _REPLACEMENT = "\ufffd"
 """What the byte-level decoder shows for the incomplete UTF-8 bytes of a character split across tokens."""
 
@@ -60,6 +44,15 @@ class Completion:
     """Tokens generated (len(token_ids))."""
 
 
+class Delta(NamedTuple):
+    """One piece of a streamed completion."""
+
+    text: str
+    """New text (may be empty: the last delta carries the finish reason, whatever is left to send)."""
+    finish_reason: str | None
+    """None until the last delta, then "stop" or "length" as in `Completion`."""
+
+
 class OrtEngine:
     """An ONNX export directory loaded into an ONNX Runtime CPU session, with its tokenizer and chat template.
 
@@ -72,20 +65,8 @@ class OrtEngine:
         model_dir = Path(model_dir)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise LmpipeError(f"threads={threads!r}: expected an integer >= 0 (0 = ONNX Runtime's default)")
-        onnx_path, config_path = model_dir / ONNX_FILE, model_dir / CONFIG_FILE
-        for path in (onnx_path, config_path):
-            if not path.is_file():
-                raise LmpipeError(f"missing {path}: expected an ONNX export directory (lmpipe.export)")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise LmpipeError(f"{config_path} is not valid JSON: {exc}") from exc
-        missing = [key for key in _CONFIG_KEYS if key not in config]
-        if missing:
-            raise LmpipeError(
-                f"{config_path} lacks {', '.join(missing)}: expected a config written by lmpipe.export"
-            )
-        self._config = config
+        onnx_path = model_dir / ONNX_FILE
+        self._config = config = read_onnx_config(model_dir)
         self._tokenizer = load_tokenizer(model_dir / TOKENIZER_FILE)
         self._template = load_chat_template(model_dir)
         options = ort.SessionOptions()
@@ -177,8 +158,9 @@ class OrtEngine:
         """Generated token ids for each prompt given as token ids (same stopping rules as `generate`)."""
         return [seq.token_ids for seq in self._run(prompt_ids, params, track_text=False)]
 
-    def stream(self, prompt: str, params: GenerationParams, chat: bool = True) -> Iterator[str]:
-        """Yield the completion of one prompt as text deltas, as tokens are generated.
+    def stream(self, prompt: str, params: GenerationParams, chat: bool = True) -> Iterator[Delta]:
+        """Yield the completion of one prompt as text deltas, as tokens are generated; the last one carries
+        the finish reason (and whatever text was held back, possibly none).
 
         Text is held back while it ends in an incomplete character or could be the start of a stop
         sequence; the deltas concatenate to `generate`'s text for the same prompt and params.
@@ -190,10 +172,9 @@ class OrtEngine:
             if seq.finish_reason is None:
                 stable = _stable_length(seq.text, params.stop)
                 if stable > sent:
-                    yield seq.text[sent:stable]
+                    yield Delta(seq.text[sent:stable], None)
                     sent = stable
-        if len(seq.text) > sent:
-            yield seq.text[sent:]
+        yield Delta(seq.text[sent:], seq.finish_reason)
 
     def _run(
         self, prompt_ids: list[list[int]], params: GenerationParams, track_text: bool

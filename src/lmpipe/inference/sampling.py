@@ -1,52 +1,47 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p) sampling, in numpy."""
+"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p) sampling, in numpy.
+
+`GenerationParams` is where the sampling defaults live: the CLI, the batch stage, the server and the MLflow
+pyfunc read theirs from `DEFAULTS`.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import numpy as np
+from pydantic import BeforeValidator, Field
 
-from lmpipe.errors import LmpipeError
+from lmpipe.config import schema
 
 
-@dataclass
+def _stop_sequences(value):
+    """A list (or tuple) of non-empty strings, as a list."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise ValueError("a list of non-empty strings")
+    return value
+
+
+@schema("")  # not a config section: errors name the bare field (`top_p=2.0: ...`)
 class GenerationParams:
-    max_new_tokens: int = 64
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
     """Most tokens generated per prompt (the closing <|end|> not counted)."""
-    temperature: float = 0.0
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Softmax temperature; 0 picks the most likely token (greedy)."""
-    top_k: int = 0
+    top_k: Annotated[int, Field(ge=0)] = 0
     """Sample only among the k most likely tokens; 0 = no limit."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Sample only among the most likely tokens whose probabilities add up to top_p (nucleus); 1 = no limit."""
-    stop: list[str] = field(default_factory=list)
+    stop: Annotated[list[str], BeforeValidator(_stop_sequences)] = field(default_factory=list)
     """Stop sequences: generation ends when the text contains one, and the text is cut before it."""
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0)] | None = None
     """Seed of the sampling random generator (same seed, same prompts: same output); None = fresh entropy."""
 
-    def __post_init__(self):
-        if _not_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise LmpipeError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
-        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise LmpipeError(f"temperature={self.temperature!r}: expected a finite number >= 0 (0 = greedy)")
-        if _not_int(self.top_k) or self.top_k < 0:
-            raise LmpipeError(f"top_k={self.top_k!r}: expected an integer >= 0 (0 = off)")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise LmpipeError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise LmpipeError(f"stop={self.stop!r}: expected a list of non-empty strings")
-        self.stop = list(self.stop)
-        if self.seed is not None and (_not_int(self.seed) or self.seed < 0):
-            raise LmpipeError(f"seed={self.seed!r}: expected an integer >= 0 or None")
 
-
-def _not_int(value) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int | np.integer)
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+DEFAULTS = GenerationParams()
+"""The sampling defaults, declared once (above)."""
 
 
 def sample_next(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> np.ndarray:

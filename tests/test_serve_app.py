@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
-from lmpipe.serve import ServeConfig, create_app, resolve_model
+from lmpipe.serve import ServeConfig, create_app
 
 LIMITS = ServeConfig(max_tokens_limit=32, max_batch=3)
 """The server's limits in these tests: the tiny model's block_size is 64, so max_prompt_tokens is 63."""
@@ -74,55 +73,6 @@ def tokens(engine, text: str) -> int:
 
 
 # --- config and model loading -----------------------------------------------------------------------------
-
-
-def test_serve_config_defaults():
-    cfg = ServeConfig()
-    assert (cfg.model, cfg.host, cfg.port) == ("models/onnx/teacher-int8", "127.0.0.1", 8000)
-    assert (cfg.threads, cfg.max_prompt_tokens, cfg.max_tokens_limit, cfg.max_batch) == (0, 0, 256, 8)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("model", ""),
-        ("host", " "),
-        ("port", 0),
-        ("port", 70000),
-        ("port", "80"),
-        ("threads", -1),
-        ("max_prompt_tokens", -1),
-        ("max_tokens_limit", 0),
-        ("max_batch", 0),
-        ("max_batch", True),
-    ],
-)
-def test_serve_config_rejects_bad_fields(field, value):
-    with pytest.raises(LmpipeError, match=rf"^serve\.{field}={value!r}: expected "):
-        ServeConfig(**{field: value})
-
-
-def test_resolve_model_takes_a_local_export_directory(tiny, tmp_path):
-    assert resolve_model(str(tiny[0])) == tiny[0]
-    with pytest.raises(
-        LmpipeError, match=r"missing model directory .*nope: build it with `dvc repro export`"
-    ):
-        resolve_model(str(tmp_path / "nope"))
-
-
-def test_resolve_model_sends_registry_uris_to_the_registry(tiny, monkeypatch):
-    asked = []
-
-    def resolve_model_dir(ref):
-        asked.append(ref)
-        return str(tiny[0])
-
-    monkeypatch.setitem(
-        sys.modules, "lmpipe.registry", types.SimpleNamespace(resolve_model_dir=resolve_model_dir)
-    )
-    assert resolve_model("models:/teacher@champion") == tiny[0]
-    assert resolve_model("models:/teacher/3") == tiny[0]
-    assert asked == ["models:/teacher@champion", "models:/teacher/3"]
 
 
 def test_create_app_rejects_a_prompt_limit_beyond_the_context(engine):

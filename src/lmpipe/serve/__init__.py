@@ -1,0 +1,17 @@
+"""Serve an ONNX export over HTTP with the OpenAI completions and chat completions API (a subset).
+
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (raw text, no chat template) and
+`POST /v1/chat/completions` (the conversation rendered with the model's chat template). Both generation
+endpoints take max_tokens, temperature, top_p, top_k (an extension), stop, seed, stream and n=1, and stream
+as OpenAI does: server-sent events `data: {chunk}`, the last chunk carrying the finish reason, then
+`data: [DONE]`. Every bad request is a 4xx with an OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}`; the token budget is checked before generation starts.
+
+Modules: `config` (ServeConfig), `requests` (the request bodies), `errors` (error bodies), `app` (the routes
+and `create_app`). One engine serves every request, one generation at a time (see `lmpipe.serve.app`).
+"""
+
+from lmpipe.serve.app import create_app, serve
+from lmpipe.serve.config import ServeConfig
+
+__all__ = ["ServeConfig", "create_app", "serve"]

@@ -1,0 +1,36 @@
+"""The server's settings (`lmpipe serve` options): what it loads, where it listens, the limits of a request."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from lmpipe.config import schema
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a non-empty string")
+    return value
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+
+
+@schema("serve")
+class ServeConfig:
+    model: NonBlank = "models/onnx/teacher-int8"
+    """ONNX export directory, or MLflow registry URI models:/<name>@<alias> or models:/<name>/<version>."""
+    host: NonBlank = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for every interface)."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    """TCP port to listen on."""
+    threads: Annotated[int, Field(ge=0)] = 0
+    """ONNX Runtime intra-op threads (0 = one per core)."""
+    max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
+    """Longest prompt accepted, in tokens after the chat template; 0 = the model's block_size minus 1."""
+    max_tokens_limit: Annotated[int, Field(ge=1)] = 256
+    """Largest max_tokens a request may ask; without max_tokens it gets this or the room its prompt leaves."""
+    max_batch: Annotated[int, Field(ge=1)] = 8
+    """Most prompts in one completions request."""

@@ -1,0 +1,74 @@
+"""The request bodies of the generation endpoints, as OpenAI defines them (the subset lmpipe serves).
+
+Sampling defaults are `GenerationParams`' except temperature, which is OpenAI's 1.0: a client written for the
+OpenAI API gets the sampling it asked for by leaving temperature out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from lmpipe.inference.sampling import DEFAULTS
+
+OPENAI_TEMPERATURE = 1.0
+"""The temperature of a request that does not set one (OpenAI's default)."""
+
+
+def _is_text_or_texts(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+class SamplingRequest(BaseModel):
+    """What both generation endpoints accept besides their input. Unknown fields are rejected rather than
+    ignored, so a client relying on an unsupported OpenAI option (logprobs, echo, ...) learns it does not
+    apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float = Field(OPENAI_TEMPERATURE, ge=0, allow_inf_nan=False, strict=True)
+    top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, allow_inf_nan=False, strict=True)
+    top_k: StrictInt = Field(DEFAULTS.top_k, ge=0)
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = Field(DEFAULTS.seed, ge=0)  # numpy's generator takes non-negative seeds only
+    stream: StrictBool = False
+    n: StrictInt = 1
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_text_or_texts(cls, value):
+        if value is None or _is_text_or_texts(value):
+            return value
+        raise ValueError("expected a string or a list of strings")
+
+    @property
+    def stops(self) -> list[str]:
+        """`stop` as a list (OpenAI takes one string or several)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_text_or_texts(cls, value):
+        if _is_text_or_texts(value):
+            return value
+        raise ValueError("expected a string or a list of strings")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(strict=True)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    """The newer OpenAI name of max_tokens for chat."""
