@@ -31,7 +31,8 @@ from lmpipe import atomic, config
 from lmpipe.errors import LmpipeError
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.tokenizer import read_meta
-from lmpipe.training.optim import OptimizerConfig, build_optimizer
+from lmpipe.training.configs import OptimizerConfig
+from lmpipe.training.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
@@ -145,7 +146,8 @@ def lightning_loop(workload: Workload, steps: int, warmup: int, pretrain_cfg) ->
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lmpipe.training.pretrain import LitGPT, quiet_lightning
+    from lmpipe.training.checkpointing import quiet_lightning
+    from lmpipe.training.pretrain import LitGPT
 
     class StepClock(L.Callback):
         def __init__(self):
@@ -163,13 +165,7 @@ def lightning_loop(workload: Workload, steps: int, warmup: int, pretrain_cfg) ->
     # batch_size=None: each dataset item already is a whole (x, y) batch.
     loader = DataLoader(TensorDataset(*workload.batches(warmup + steps)), batch_size=None, shuffle=False)
     L.seed_everything(workload.seed, verbose=False)
-    module = LitGPT(
-        dataclasses.asdict(workload.model_cfg),
-        dataclasses.asdict(workload.optim_cfg),
-        pretrain_cfg.warmup_steps,
-        pretrain_cfg.min_lr_ratio,
-        warmup + steps,
-    )
+    module = LitGPT(workload.model_cfg, workload.optim_cfg, pretrain_cfg, warmup + steps)
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="lmpipe-bench-") as root:
         trainer = L.Trainer(

@@ -20,6 +20,7 @@ OUTPUTS = {True: "student", False: "student-nodistill"}
 def main(cfg):
     import mlflow
 
+    from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.distill import distill
     from lmpipe.training.outputs import write_curves, write_model_dir
@@ -41,7 +42,7 @@ def main(cfg):
             )
             metrics[name] = result.metrics
             curves.update({f"{name}_{key}": points for key, points in result.curves.items()})
-            mlflow.log_text(format_samples(result.samples), f"{name}/samples.txt")
+            mlflow.log_text(format_samples(result.samples), f"{name}/{SAMPLES_FILE}")
         if not metrics:
             return
         write_curves(Path(cfg.paths.plots) / "distill", curves)

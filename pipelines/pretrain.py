@@ -16,6 +16,7 @@ SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrai
 def main(cfg):
     import mlflow
 
+    from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.outputs import write_curves, write_model_dir
     from lmpipe.training.pretrain import pretrain
@@ -28,15 +29,12 @@ def main(cfg):
         model_dir = write_model_dir(
             Path(cfg.paths.models) / "pretrain", result.model, extra, cfg.paths.tokens, result.samples
         )
-        write_curves(
-            Path(cfg.paths.plots) / "pretrain",
-            {"train_loss": result.train_curve, "val_loss": result.val_curve},
-        )
+        write_curves(Path(cfg.paths.plots) / "pretrain", result.curves)
         atomic.write_json(Path(cfg.paths.metrics) / "pretrain.json", result.metrics)
 
         tracking.log_metrics(result.metrics, prefix="final")
         mlflow.set_tag("fit_verdict", result.metrics["fit"]["verdict"])
-        mlflow.log_text(format_samples(result.samples), "samples.txt")
+        mlflow.log_text(format_samples(result.samples), SAMPLES_FILE)
         mlflow.log_artifacts(str(model_dir), "model")
         fit = result.metrics["fit"]
         print(

@@ -19,8 +19,9 @@ def main(cfg):
     import mlflow
 
     from lmpipe.data.instructions import read_label_sets
+    from lmpipe.formats import HEADS_FILE, SAMPLES_FILE
     from lmpipe.text_samples import format_samples
-    from lmpipe.training.heads import HEADS_FILE, save_heads
+    from lmpipe.training.heads import save_heads
     from lmpipe.training.outputs import write_curves, write_model_dir
     from lmpipe.training.sft import finetune
 
@@ -49,7 +50,7 @@ def main(cfg):
 
         tracking.log_metrics(result.metrics, prefix="final")
         mlflow.set_tags({"sft_method": result.method, "fit_verdict": result.metrics["fit"]["verdict"]})
-        mlflow.log_text(format_samples(result.samples), "samples.txt")
+        mlflow.log_text(format_samples(result.samples), SAMPLES_FILE)
         mlflow.log_artifacts(str(model_dir), "model")
         print(
             f"sft: method={result.method} {result.metrics['steps']} steps, val loss "

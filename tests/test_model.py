@@ -224,11 +224,13 @@ def test_bf16_autocast_training_step_runs(pos):
         ),
         (
             {"pos_encoding": "alibi"},
-            "model.pos_encoding='alibi': expected one of learned, sinusoidal, rotary",
+            "model.pos_encoding='alibi': expected 'learned', 'sinusoidal' or 'rotary'",
         ),
-        ({"activation": "swish"}, "model.activation='swish': expected one of gelu, relu"),
-        ({"n_layer": 0}, "model.n_layer=0: expected a positive integer"),
-        ({"dropout": 1.0}, "model.dropout=1.0: expected a probability"),
+        ({"activation": "swish"}, "model.activation='swish': expected 'gelu' or 'relu'"),
+        ({"n_layer": 0}, "model.n_layer=0: expected a value greater than or equal to 1"),
+        ({"n_layer": 2.0}, "model.n_layer=2.0: expected a valid integer"),
+        ({"n_lyer": 2}, "model.n_lyer: unknown field"),
+        ({"dropout": 1.0}, "model.dropout=1.0: expected a value less than 1"),
     ],
 )
 def test_config_validation(fields, message):

@@ -2,7 +2,6 @@
 teacher, the teacher-less ablation, mixed batches, runs and resume."""
 
 import copy
-import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +13,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmpipe import config
 from lmpipe.chat import CHAT_TEMPLATE
 from lmpipe.data.instructions import EXAMPLE_COLUMNS, write_examples
 from lmpipe.errors import LmpipeError
@@ -27,19 +25,18 @@ from lmpipe.tokenizer import (
     train_tokenizer,
     write_shards,
 )
+from lmpipe.training import core
 from lmpipe.training import distill as distill_module
+from lmpipe.training.configs import DistillConfig, OptimizerConfig
 from lmpipe.training.datamodules import ContiguousWindows, RandomWindows
 from lmpipe.training.distill import (
-    DistillConfig,
     LitDistill,
     MixedBatches,
     MixedValidation,
     build_student,
     distill,
     distillation_loss,
-    fingerprint,
 )
-from lmpipe.training.optim import OptimizerConfig
 from lmpipe.training.sft_data import RandomExampleBatches, encode_lm_examples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -165,7 +162,7 @@ def distill_config(tiny_config, inputs, tmp_path):
         cfg.paths.models = str(inputs.models)
         cfg.paths.instructions = str(inputs.instructions)
         cfg.trainer.log_every_n_steps = 1
-        cfg.distill = {"_target_": "lmpipe.training.distill.DistillConfig", **TEST_DISTILL, **fields}
+        cfg.distill = {"_target_": "lmpipe.training.configs.DistillConfig", **TEST_DISTILL, **fields}
         return cfg
 
     return make
@@ -184,7 +181,7 @@ def val_batches(inputs, n_lm: int = 4, n_sft: int = 4) -> MixedValidation:
 def module_for(student: GPT, teacher: GPT | None, **fields) -> LitDistill:
     dcfg = DistillConfig(**{**TEST_DISTILL, "teacher": "sft" if teacher else "none", **fields})
     optimizer = OptimizerConfig(lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    return LitDistill(student, teacher, dataclasses.asdict(optimizer), dataclasses.asdict(dcfg))
+    return LitDistill(student, teacher, optimizer, dcfg)
 
 
 def student_for(inputs, seed: int = 0) -> GPT:
@@ -194,68 +191,6 @@ def student_for(inputs, seed: int = 0) -> GPT:
 
 
 # --- Config -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "fields, message",
-    [
-        (
-            {"student": {"n_layers": 2}},
-            r"^distill\.student\.n_layers: unknown field; expected any of block_size",
-        ),
-        ({"student": {"vocab_size": 9}}, r"^distill\.student\.vocab_size: unknown field"),
-        (
-            {"student": {"n_embd": 30, "n_head": 4}},
-            r"^distill\.student\.n_embd=30 is not divisible by distill\.student\.n_head=4$",
-        ),
-        ({"teacher": ""}, r"^distill\.teacher='': expected a model directory name under paths\.models"),
-        ({"teacher": "a/b"}, r"^distill\.teacher='a/b': expected a model directory name"),
-        ({"temperature": 0.0}, r"^distill\.temperature=0\.0: expected a positive temperature$"),
-        ({"alpha": 1.5}, r"^distill\.alpha=1\.5: expected a weight in \[0, 1\]$"),
-        ({"sft_fraction": -0.1}, r"^distill\.sft_fraction=-0\.1: expected a fraction in \[0, 1\]$"),
-        (
-            {"sft_fraction": 0.1, "batch_size": 4},
-            r"^distill\.sft_fraction=0\.1: with distill\.batch_size=4 a batch would hold 0 examples and "
-            r"4 windows; expected at least one of each \(or a fraction of 0 or 1\)$",
-        ),
-        ({"max_steps": 0}, r"^distill\.max_steps=0: expected an integer >= 1$"),
-    ],
-)
-def test_config_rejects_bad_fields_in_one_line(fields, message):
-    with pytest.raises(LmpipeError, match=message):
-        DistillConfig(**fields)
-
-
-def test_config_builds_through_hydra_with_a_nested_student(tiny_config):
-    cfg = tiny_config()
-    OmegaConf.set_struct(cfg, False)
-    cfg.distill = {
-        "_target_": "lmpipe.training.distill.DistillConfig",
-        "student": {"n_layer": 3, "n_embd": 64, "block_size": 64},
-        "teacher": "none",
-        "alpha": 0.7,
-        "batch_size": 10,
-        "sft_fraction": 0.25,
-    }
-    config.check(cfg, ["distill"])
-    built = config.build(cfg.distill)
-    assert type(built.student) is dict and built.student == {"n_layer": 3, "n_embd": 64, "block_size": 64}
-    assert built.alpha == 0.0  # no teacher: hard labels alone
-    assert built.batch_split == (7, 3)  # 2.5 examples round half up
-    student = built.student_config(vocab_size=100)
-    assert (student.n_layer, student.n_embd, student.vocab_size, student.n_head) == (3, 64, 100, 4)
-
-
-def test_the_default_student_is_at_most_a_third_of_the_default_teacher():
-    teacher = GPT(GPTConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=256))
-    student = GPT(DistillConfig().student_config(4096, teacher.config))
-    assert student.num_parameters() <= teacher.num_parameters() / 3
-    with pytest.raises(
-        LmpipeError, match=r"^distill\.student\.block_size=256: exceeds the teacher's block_size 128;"
-    ):
-        DistillConfig(student={**DistillConfig().student, "block_size": 256}).student_config(
-            4096, teacher.config
-        )
 
 
 # --- The loss -----------------------------------------------------------------------------------------------
@@ -328,7 +263,7 @@ def test_mixed_batches_are_a_pure_function_of_seed_index_and_rank(inputs):
     rows = example_rows(inputs, "train")
 
     def batches(seed=0, rank=0, start=0, n_lm=5, n_sft=3):
-        windows = RandomWindows(inputs.tokens, "train", 32, n_lm, seed, 4) if n_lm else None
+        windows = RandomWindows(inputs.tokens, "train", 32, n_lm, seed, 4, rank=rank) if n_lm else None
         examples = RandomExampleBatches(rows, n_sft, seed + 1, PAD_ID, 4, rank=rank) if n_sft else None
         return MixedBatches(windows, examples, batches_per_epoch=4, start_batch=start, rank=rank)
 
@@ -388,7 +323,7 @@ def run_with(distill_config, monkeypatch):
     progress lines)."""
 
     def run(*callbacks, root, **fields):
-        monkeypatch.setattr(distill_module, "progress_callbacks", lambda every: (list(callbacks), False))
+        monkeypatch.setattr(core, "progress_callbacks", lambda every: (list(callbacks), False))
         return distill(distill_config(root=root, **fields))
 
     return run
@@ -512,22 +447,3 @@ def test_an_interrupted_run_resumes_to_identical_weights(run_with, tmp_path):
         if key != "train_loss":
             assert resumed.curves[key] == [p for p in curve if p[0] != 5], key
     assert resumed.samples == full.samples
-
-
-def test_the_fingerprint_follows_what_shapes_training(tiny_config):
-    trainer = tiny_config().trainer
-    base = dict(seed=1, optimizer=OptimizerConfig(), distill=DistillConfig(), trainer=trainer)
-    fp = fingerprint(**base, teacher_sha256="a", data={"examples": "b"})
-    assert fp == fingerprint(**base, teacher_sha256="a", data={"examples": "b"})
-    reporting = DistillConfig(num_samples=9, sample_tokens=5)
-    assert fp == fingerprint(**{**base, "distill": reporting}, teacher_sha256="a", data={"examples": "b"})
-    for change in (
-        {"seed": 2},
-        {"distill": DistillConfig(alpha=0.2)},
-        {"distill": DistillConfig(student={**DistillConfig().student, "n_layer": 3})},
-        {"distill": DistillConfig(sft_fraction=0.25)},
-        {"optimizer": OptimizerConfig(name="sgd")},
-    ):
-        assert fingerprint(**{**base, **change}, teacher_sha256="a", data={"examples": "b"}) != fp, change
-    assert fingerprint(**base, teacher_sha256=None, data={"examples": "b"}) != fp
-    assert fingerprint(**base, teacher_sha256="a", data={"examples": "c"}) != fp

@@ -1,22 +1,13 @@
 import math
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
 from lmpipe import config
-from lmpipe.errors import LmpipeError
 from lmpipe.model import GPT, GPTConfig
-from lmpipe.training.optim import (
-    OPTIMIZERS,
-    OptimizerConfig,
-    build_optimizer,
-    l1_penalty,
-    warmup_cosine,
-)
-from lmpipe.training.pretrain import LitGPT
+from lmpipe.training.configs import OPTIMIZERS, OptimizerConfig
+from lmpipe.training.optim import build_optimizer, l1_penalty, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,36 +97,6 @@ def test_l1_penalty_is_the_sum_of_absolute_values():
     assert l1_penalty(decayed).item() == pytest.approx(expected, rel=1e-5)
 
 
-def _fit_lit(l1: float) -> GPT:
-    torch.manual_seed(0)
-    optimizer = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "l1": l1}
-    module = LitGPT(TINY, optimizer, warmup_steps=0, min_lr_ratio=1.0, total_steps=30)
-    x, y = fixed_batch(batch=32)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=30,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
-    assert trainer.global_step == 30
-    if l1:
-        assert trainer.callback_metrics["l1_penalty"].item() > 0
-    return module.model
-
-
-def test_training_with_a_large_l1_penalty_drives_the_weights_smaller():
-    def size(model: GPT) -> float:
-        return l1_penalty(model.param_groups(0.1)[0]["params"]).item()
-
-    start = size(tiny_model(0))
-    plain, sparse = size(_fit_lit(0.0)), size(_fit_lit(1e-3))
-    assert sparse < 0.8 * plain
-    assert sparse < start
-
-
 def test_warmup_cosine_at_its_key_points():
     warmup, total, floor = 10, 110, 0.1
     f = [warmup_cosine(s, warmup, total, floor) for s in range(total + 20)]
@@ -150,33 +111,3 @@ def test_warmup_cosine_at_its_key_points():
     assert warmup_cosine(0, 0, 100, 0.0) == pytest.approx(1.0)  # no warm-up: start at the peak
     assert warmup_cosine(100, 0, 100, 0.0) == pytest.approx(0.0)
     assert warmup_cosine(25, 0, 100, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "names"),
-    [
-        ({"name": "rmsprop"}, "optimizer.name='rmsprop'"),
-        ({"lr": 0.0}, "optimizer.lr=0.0"),
-        ({"lr": -1e-3}, "optimizer.lr=-0.001"),
-        ({"lr": float("nan")}, "optimizer.lr=nan"),
-        ({"weight_decay": -0.1}, "optimizer.weight_decay=-0.1"),
-        ({"l1": -1.0}, "optimizer.l1=-1.0"),
-        ({"betas": [0.9]}, "optimizer.betas=[0.9]"),
-        ({"betas": [0.9, 1.0]}, "optimizer.betas=[0.9, 1.0]"),
-        ({"name": "momentum", "momentum": 0.0}, "optimizer.momentum=0.0"),
-        ({"name": "momentum", "momentum": 1.0}, "optimizer.momentum=1.0"),
-    ],
-)
-def test_invalid_optimizer_config_raises_one_line_naming_the_field(kwargs, names):
-    with pytest.raises(LmpipeError) as err:
-        OptimizerConfig(**kwargs)
-    message = str(err.value)
-    assert message.startswith(names) and "expected" in message and "\n" not in message
-
-
-def test_build_passes_the_config_error_through():
-    section = OmegaConf.create(
-        {"_target_": "lmpipe.training.optim.OptimizerConfig", "name": "adamw", "lr": -1}
-    )
-    with pytest.raises(LmpipeError, match=r"optimizer\.lr=-1"):
-        config.build(section)

@@ -9,8 +9,9 @@ import torch
 from mlflow import MlflowClient
 
 from lmpipe.tokenizer import read_meta
+from lmpipe.training import core
 from lmpipe.training import pretrain as pretrain_module
-from lmpipe.training.pretrain import fingerprint, pretrain, resume_checkpoint
+from lmpipe.training.pretrain import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +61,7 @@ def extra_callbacks(monkeypatch):
     """`extra_callbacks(*callbacks)`: pretrain() runs these beside its own (in place of the progress lines)."""
 
     def use(*callbacks: L.Callback) -> None:
-        monkeypatch.setattr(pretrain_module, "progress_callbacks", lambda every: (list(callbacks), False))
+        monkeypatch.setattr(core, "progress_callbacks", lambda every: (list(callbacks), False))
 
     return use
 
@@ -74,13 +75,13 @@ def test_a_short_run_reports_steps_tokens_curves_and_samples(tiny_config, tmp_pa
     assert m["tokens_seen"] == 50 * BATCH * BLOCK
     assert m["parameters"] == result.model.num_parameters()
     assert m["tokens_per_sec"] > 0 and 0 < m["train_seconds"]
-    assert [step for step, _ in result.train_curve] == list(range(5, 51, 5))
+    assert [step for step, _ in result.curves["train_loss"]] == list(range(5, 51, 5))
     # Validation every 10 steps straight across the epoch boundaries (at 13, 26, 39).
-    assert [step for step, _ in result.val_curve] == [10, 20, 30, 40, 50]
-    train = [loss for _, loss in result.train_curve]
+    assert [step for step, _ in result.curves["val_loss"]] == [10, 20, 30, 40, 50]
+    train = [loss for _, loss in result.curves["train_loss"]]
     assert train[-1] < train[0] - 0.5, train
-    assert result.val_curve[-1][1] < result.val_curve[0][1] - 0.3, result.val_curve
-    assert m["fit"]["final_val_loss"] == result.val_curve[-1][1]
+    assert result.curves["val_loss"][-1][1] < result.curves["val_loss"][0][1] - 0.3, result.curves["val_loss"]
+    assert m["fit"]["final_val_loss"] == result.curves["val_loss"][-1][1]
     assert m["fit"]["verdict"] in {"overfitting", "underfitting", "converged"}
 
     assert len(result.samples) == cfg.pretrain.num_samples == 1
@@ -89,9 +90,7 @@ def test_a_short_run_reports_steps_tokens_curves_and_samples(tiny_config, tmp_pa
 
     ckpt_dir = tmp_path / "checkpoints" / "pretrain"
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 50
-    assert json.loads((ckpt_dir / "fingerprint.json").read_text())["fingerprint"] == fingerprint(
-        cfg, read_meta(cfg.paths.tokens)
-    )
+    assert json.loads((ckpt_dir / "fingerprint.json").read_text())["fingerprint"] == fingerprint(cfg)
     # The training curve went to this test's own MLflow store.
     client = MlflowClient(cfg.logger.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
@@ -130,10 +129,12 @@ def test_resume_after_interruption_continues_exactly(tiny_config, tmp_path, extr
     assert full_weights.keys() == resumed_weights.keys()
     for name, weight in full_weights.items():
         assert torch.equal(resumed_weights[name], weight), name
-    assert resumed.train_curve == full.train_curve
+    assert resumed.curves["train_loss"] == full.curves["train_loss"]
     # The validation of step 10 ran after that step's checkpoint was written and Lightning does not repeat it
     # on resume, so that one point is missing from the resumed history; every other point is identical.
-    assert resumed.val_curve == [point for point in full.val_curve if point[0] != saved_step]
+    assert resumed.curves["val_loss"] == [
+        point for point in full.curves["val_loss"] if point[0] != saved_step
+    ]
     assert resumed.samples == full.samples
     # Lightning's own epoch count agrees too (it ends an epoch after len(train loader) batches of it).
     full_ckpt, resumed_ckpt = (
@@ -152,10 +153,22 @@ def test_resume_after_interruption_continues_exactly(tiny_config, tmp_path, extr
     assert not torch.equal(reseeded.model.wte.weight, full.model.wte.weight)
 
 
+def fingerprint(cfg, meta: dict | None = None) -> str:
+    """The fingerprint pretrain() checks for `cfg` (its plan, captured in place of training), with `meta` in
+    place of the token shards' if given."""
+    plans = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain_module, "fit", lambda plan, cfg, run: plans.append(plan))
+        if meta is not None:
+            patch.setattr(pretrain_module, "read_meta", lambda _: meta)
+        assert pretrain(cfg) is None
+    return plans[0].fingerprint(cfg.seed)
+
+
 def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, tiny_tokens, tmp_path):
     meta = read_meta(tiny_tokens)
-    base = fingerprint(tiny_config(), meta)
-    assert len(base) == 16 and fingerprint(tiny_config(), meta) == base
+    base = fingerprint(tiny_config())
+    assert len(base) == 16 and fingerprint(tiny_config()) == base
     for override in (
         "seed=7",
         "model.n_layer=3",
@@ -167,7 +180,7 @@ def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, t
         "pretrain.batch_size=4",
         "pretrain.warmup_steps=2",
     ):
-        assert fingerprint(tiny_config(override), meta) != base, override
+        assert fingerprint(tiny_config(override)) != base, override
     for override in (
         "trainer.log_every_n_steps=3",
         "trainer.enable_model_summary=true",
@@ -175,29 +188,13 @@ def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, t
         "pretrain.sample_prompts=[abc]",
         "logger.experiment_name=other",
     ):
-        assert fingerprint(tiny_config(override), meta) == base, override
-    assert fingerprint(tiny_config(root=tmp_path / "elsewhere"), meta) == base  # paths do not count
+        assert fingerprint(tiny_config(override)) == base, override
+    assert fingerprint(tiny_config(root=tmp_path / "elsewhere")) == base  # paths do not count
     assert fingerprint(tiny_config(), {**meta, "tokenizer_sha256": "0" * 64}) != base
 
 
-def test_the_number_of_samples_does_not_restart_training(tiny_config, tiny_tokens):
-    meta = read_meta(tiny_tokens)
-    assert fingerprint(tiny_config("pretrain.num_samples=2"), meta) == fingerprint(tiny_config(), meta)
-
-
-def test_resume_checkpoint_only_matches_its_own_fingerprint(tmp_path):
-    ckpt_dir = tmp_path / "pretrain"
-    assert resume_checkpoint(ckpt_dir, "aaa") is None
-    assert json.loads((ckpt_dir / "fingerprint.json").read_text()) == {"fingerprint": "aaa"}
-    (ckpt_dir / "last.ckpt").write_bytes(b"ckpt")
-    (ckpt_dir / "step5.ckpt").write_bytes(b"ckpt")
-    assert resume_checkpoint(ckpt_dir, "aaa") == str(ckpt_dir / "last.ckpt")
-    # DDP worker processes only look; the main process clears a stale folder.
-    assert resume_checkpoint(ckpt_dir, "bbb", may_reset=False) is None
-    assert (ckpt_dir / "last.ckpt").exists()
-    assert resume_checkpoint(ckpt_dir, "bbb") is None
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["fingerprint.json"]
-    assert json.loads((ckpt_dir / "fingerprint.json").read_text()) == {"fingerprint": "bbb"}
+def test_the_number_of_samples_does_not_restart_training(tiny_config):
+    assert fingerprint(tiny_config("pretrain.num_samples=2")) == fingerprint(tiny_config())
 
 
 @pytest.mark.slow

@@ -14,63 +14,54 @@ rather than one stacked tensor: it ran 1.1-1.3x faster in ONNX Runtime.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from lmpipe import config
 from lmpipe.atomic import atomic_path
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import IGNORE_INDEX
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
 ACTIVATIONS = ("gelu", "relu")
 
+Positive = Annotated[int, Field(ge=1)]
+
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
-@dataclass
+@config.schema("model")
 class GPTConfig:
-    vocab_size: int = 4096
+    vocab_size: Positive = 4096
     """Number of token ids (the tokenizer's vocabulary size)."""
-    block_size: int = 256
+    block_size: Positive = 256
     """Maximum context length in tokens."""
-    n_layer: int = 4
+    n_layer: Positive = 4
     """Number of transformer blocks."""
-    n_head: int = 4
+    n_head: Positive = 4
     """Number of attention heads per block."""
-    n_embd: int = 256
+    n_embd: Positive = 256
     """Width of the residual stream (must be divisible by n_head)."""
-    dropout: float = 0.1
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout probability for embeddings, attention weights and residual branches (training only)."""
     bias: bool = True
     """Use biases in Linear layers and LayerNorms."""
-    pos_encoding: str = "learned"
+    pos_encoding: Literal[POS_ENCODINGS] = "learned"
     """Position encoding: learned, sinusoidal or rotary."""
-    activation: str = "gelu"
+    activation: Literal[ACTIVATIONS] = "gelu"
     """MLP activation: gelu or relu."""
-    mlp_ratio: int = 4
+    mlp_ratio: Positive = 4
     """MLP hidden width as a multiple of n_embd."""
     tie_weights: bool = True
     """Share the token embedding matrix with the LM head."""
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LmpipeError(f"model.{name}={value!r}: expected a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LmpipeError(f"model.dropout={self.dropout!r}: expected a probability in [0, 1)")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise LmpipeError(
-                f"model.pos_encoding={self.pos_encoding!r}: expected one of {', '.join(POS_ENCODINGS)}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise LmpipeError(
-                f"model.activation={self.activation!r}: expected one of {', '.join(ACTIVATIONS)}"
-            )
         if self.n_embd % self.n_head:
             raise LmpipeError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.pos_encoding == "rotary" and (self.n_embd // self.n_head) % 2:
@@ -265,7 +256,7 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return GPTOutput(logits, loss, tuple(presents) if use_cache else None, hidden)
 
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
+
+from lmpipe.chat import prompt_text
+from lmpipe.formats import END
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def generate_samples(
@@ -34,3 +43,26 @@ def generate_samples(
 
 def format_samples(samples: list[dict]) -> str:
     return "\n\n".join(f"### {s['prompt']!r}\n{s['prompt']}{s['completion']}" for s in samples) + "\n"
+
+
+def spread(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Up to n rows evenly spread over `frame` (so samples cover its tasks, which come in blocks)."""
+    if n == 0 or frame.empty:
+        return frame.iloc[:0]
+    return frame.iloc[np.unique(np.linspace(0, len(frame) - 1, n).round().astype(int))]
+
+
+def answer_samples(
+    model, tokenizer, template: str, examples: pd.DataFrame, n: int, max_new_tokens: int, seed: int
+) -> list[dict]:
+    """The model's answers to up to `n` prompts spread over `examples` (rendered with the chat template, ended
+    at `<|end|>`): [{"prompt", "completion", "reference"}], the reference being the example's response."""
+    chosen = spread(examples, n)
+    texts = [prompt_text(prompt, template) for prompt in chosen["prompt"]]
+    generated = generate_samples(
+        model, tokenizer, texts, max_new_tokens, seed=seed, eot_id=tokenizer.token_to_id(END)
+    )
+    return [
+        {"prompt": prompt, "completion": sample["completion"], "reference": reference}
+        for prompt, reference, sample in zip(chosen["prompt"], chosen["response"], generated, strict=True)
+    ]

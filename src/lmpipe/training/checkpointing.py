@@ -1,25 +1,36 @@
-"""Resumable training runs, shared by pretraining and fine-tuning.
+"""Resumable training runs, shared by every training stage.
 
 A run keeps its checkpoints in one folder next to `fingerprint.json`, a hash of everything that shapes what
 training computes. A re-run with the same fingerprint resumes from `last.ckpt`; any change clears the folder
 and starts afresh, so a stale checkpoint never leaks into a different experiment. Exact resumption also needs
 the global torch RNG (dropout) in the checkpoint (`RngStateInCheckpoints`) and a data stream that restarts
 where it stopped (the data modules' own `state_dict`).
+
+Checkpoints are written to a temporary file in their folder and renamed into place (`AtomicCheckpointIO`), so a
+kill mid-write leaves the previous checkpoint whole. A checkpoint that still cannot be read (a disk fault, a
+copy cut short) is reported in one line and resume falls back to the newest readable one, or starts afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import re
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe import atomic, config
+from lmpipe.training.configs import Samples
 
 # Trainer fields that change how a run prints, never what it computes.
 _DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
@@ -55,21 +66,76 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def resume_checkpoint(ckpt_dir: Path, fp: str, may_reset: bool = True) -> str | None:
-    """The checkpoint to resume from if its fingerprint matches; otherwise (main process only) clear the folder.
+def fingerprint(seed: int, trainer: DictConfig, **parts) -> str:
+    """The fingerprint of a run: the seed, the trainer section without its display fields, and `parts`, the
+    effective config sections (dataclasses; a stage section without its reporting-only fields) and the hashes
+    of the data and weights the run starts from."""
 
-    DDP worker processes start after the main process has prepared the folder, so they only look.
+    def plain(part):
+        if isinstance(part, Samples):
+            return part.shaping()
+        return dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part
+
+    shaping = {"seed": seed, "trainer": trainer_shaping(trainer)}
+    return digest(shaping | {name: plain(part) for name, part in parts.items()})
+
+
+LAST = "last.ckpt"
+
+
+def _step(path: Path) -> int:
+    match = re.fullmatch(r"step(\d+)\.ckpt", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be loaded as a checkpoint, or None if it can (memory-mapped: no tensor is read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a cut-short zip, a bad pickle: torch's many-line messages say the same
+        return type(exc).__name__
+    return None
+
+
+def resume_checkpoint(ckpt_dir: Path, fp: str, may_reset: bool = True) -> str | None:
+    """The checkpoint to resume from if the folder's fingerprint matches: `last.ckpt`, else the newest readable
+    `step<N>.ckpt`; otherwise (main process only) clear the folder for a fresh start.
+
+    Each unreadable checkpoint is reported in one line (by the main process). DDP worker processes start after
+    the main process has prepared the folder, so they only look.
     """
     stamp = ckpt_dir / "fingerprint.json"
-    last = ckpt_dir / "last.ckpt"
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp and last.exists():
-        return str(last)
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp:
+        steps = sorted(ckpt_dir.glob("step*.ckpt"), key=_step, reverse=True)
+        for path in [p for p in (ckpt_dir / LAST, *steps) if p.is_file()]:
+            reason = _unreadable(path)
+            if reason is None:
+                return str(path)
+            if may_reset:
+                print(f"{path}: unreadable checkpoint ({reason}), skipped", file=sys.stderr, flush=True)
     if may_reset:
         if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
         atomic.write_json(stamp, {"fingerprint": fp})
     return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but into a temporary file in the same folder renamed over the target: a
+    kill mid-write leaves the previous checkpoint whole instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class RngStateInCheckpoints:
@@ -121,6 +187,7 @@ def build_trainer(
         callbacks=[*callbacks, checkpoint],
         logger=logger,
         default_root_dir=str(ckpt_dir),
+        plugins=[AtomicCheckpointIO()],
         **step_validation,
     )
 
@@ -134,5 +201,5 @@ def fit_resumable(
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     seconds = time.perf_counter() - started
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    trainer.save_checkpoint(ckpt_dir / LAST)
     return seconds

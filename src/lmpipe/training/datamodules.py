@@ -4,6 +4,9 @@ Training draws random windows: micro-batch number `b` on rank `r` is a pure func
 killed at step N and resumed from its checkpoint sees exactly the batches an uninterrupted run would have seen
 (the data module saves how many micro-batches were consumed; Lightning restores it before asking for the
 loader). Validation uses fixed, contiguous windows so val loss is comparable across steps and runs.
+
+`ResumableBatches` is that mechanism for any stage's data module; its batches come from a
+`lmpipe.training.streams.BatchStream`.
 """
 
 from __future__ import annotations
@@ -14,20 +17,16 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import shard_file
 from lmpipe.tokenizer import read_meta, read_shard
+from lmpipe.training.streams import BatchStream
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-class RandomWindows(IterableDataset):
-    """Yields whole micro-batches (x, y) of random windows; one pass = one epoch of `batches_per_epoch`."""
+class RandomWindows(BatchStream):
+    """Micro-batches (x, y) of random windows of a token shard."""
 
     def __init__(
         self,
@@ -38,36 +37,33 @@ class RandomWindows(IterableDataset):
         seed: int,
         batches_per_epoch: int,
         start_batch: int = 0,
+        rank: int = 0,
     ):
+        super().__init__(batches_per_epoch, start_batch, rank)
         self.tokens_dir, self.split = Path(tokens_dir), split
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-        self.batches_per_epoch = batches_per_epoch
-        self.next_batch = start_batch
         self._tokens: np.ndarray | None = None
 
-    def batch(self, index: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tokens is None:  # opened lazily: each DDP process maps the file itself
             self._tokens = read_shard(self.tokens_dir, self.split)
-        rng = np.random.default_rng([self.seed, index, rank])
+        rng = np.random.default_rng([self.seed, index, self.rank])
         starts = rng.integers(0, len(self._tokens) - self.block_size - 1, size=self.batch_size)
         rows = np.stack([self._tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
 
-    def __iter__(self):
-        # Run to the end of the current epoch, starting wherever the last pass (or the checkpoint) left off.
-        rank = _rank()
-        epoch_end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        while self.next_batch < epoch_end:
-            index = self.next_batch
-            self.next_batch += 1
-            yield self.batch(index, rank)
 
-    def __len__(self) -> int:
-        # The whole epoch even when resuming mid-way: Lightning restores its count of the epoch's batches from
-        # the checkpoint and ends the epoch when that count reaches len() (a shorter len() would end it early
-        # or, below val_check_interval, fail the resume outright).
-        return self.batches_per_epoch
+def check_shards(tokens_dir: Path, block_size: int, field: str) -> None:
+    """Fail in one line unless the train and val shards each hold more than one window of `block_size` + 1
+    tokens (`field` names the setting that chose block_size)."""
+    for split in ("train", "val"):
+        n = len(read_shard(tokens_dir, split))
+        if n <= block_size + 1:
+            raise LmpipeError(
+                f"{tokens_dir / shard_file(split)}: {n} tokens, fewer than one window of "
+                f"{field}+1={block_size + 1}; use more data or a smaller block_size"
+            )
 
 
 class ContiguousWindows(Dataset):
@@ -92,6 +88,18 @@ class ResumableBatches:
     (`self._start_batch`), so it sees the batches an uninterrupted run would have seen."""
 
     _start_batch: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def loader(self, dataset, **kwargs) -> DataLoader:
+        """A loader of `dataset` (whole batches unless `kwargs` say otherwise) with its own generator."""
+        return DataLoader(dataset, **({"batch_size": None} | kwargs), generator=self._own_generator())
 
     def _own_generator(self) -> torch.Generator:
         # Every iterator a DataLoader starts draws a base seed from its generator, by default the global torch
@@ -118,19 +126,11 @@ class TokenDataModule(ResumableBatches, L.LightningDataModule):
         self.tokens_dir = Path(tokens_dir)
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.meta = read_meta(self.tokens_dir)
-        self._start_batch = 0
-        for split in ("train", "val"):
-            n = len(read_shard(self.tokens_dir, split))
-            if n <= block_size + 1:
-                raise LmpipeError(
-                    f"{self.tokens_dir / split}.bin: {n} tokens, fewer than one window of "
-                    f"model.block_size+1={block_size + 1}; use more data or a smaller block_size"
-                )
+        check_shards(self.tokens_dir, block_size, "model.block_size")
 
     def batches_per_epoch(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
         n_train = len(read_shard(self.tokens_dir, "train"))
-        return max(1, math.ceil(n_train / (self.batch_size * self.block_size * world)))
+        return max(1, math.ceil(n_train / (self.batch_size * self.block_size * self.world_size)))
 
     def train_dataloader(self) -> DataLoader:
         dataset = RandomWindows(
@@ -141,9 +141,10 @@ class TokenDataModule(ResumableBatches, L.LightningDataModule):
             self.seed,
             self.batches_per_epoch(),
             start_batch=self._start_batch,
+            rank=self.rank,
         )
-        return DataLoader(dataset, batch_size=None, generator=self._own_generator())
+        return self.loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
         dataset = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=self._own_generator())
+        return self.loader(dataset, batch_size=self.batch_size, shuffle=False)

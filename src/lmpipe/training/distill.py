@@ -35,182 +35,37 @@ both runs start from the same point.
 `train_loss` and `val_loss` are the hard cross-entropy, weighted as above, so the curves of a distilled
 student and of the ablation share one scale and the fit diagnosis compares like with like; the optimised
 objective is logged as `train_objective`, and the KL to the teacher as `train_kl`/`val_kl`.
-Checkpoints go to `<paths.checkpoints>/distill-<teacher>/` with the fingerprint and resume machinery of
-pretraining; they hold the student only (the teacher is re-read from its model directory).
+The run is the training core's (`lmpipe.training.core`); checkpoints go to
+`<paths.checkpoints>/distill-<teacher>/` and hold the student only (the teacher is re-read from its model
+directory).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
 
 from lmpipe import config
-from lmpipe.chat import load_chat_template, prompt_text
+from lmpipe.chat import load_chat_template
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import IGNORE_INDEX, MODEL_FILE, PAD, TOKENIZER_FILE
 from lmpipe.model import GPT, GPTConfig, load_model
-from lmpipe.text_samples import generate_samples
-from lmpipe.tokenizer import END, PAD, TOKENIZER_FILE, load_tokenizer, read_meta, read_shard, tokenizer_hash
-from lmpipe.training.callbacks import LossHistory, progress_callbacks
-from lmpipe.training.checkpointing import (
-    RngStateInCheckpoints,
-    build_trainer,
-    digest,
-    file_sha256,
-    fit_resumable,
-    quiet_lightning,
-    resume_checkpoint,
-    trainer_shaping,
-)
-from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, ResumableBatches
-from lmpipe.training.fit_diagnosis import diagnose_fit
-from lmpipe.training.optim import OptimizerConfig, build_optimizer, l1_penalty, warmup_cosine
-from lmpipe.training.sft_data import (
-    IGNORE_INDEX,
-    RandomExampleBatches,
-    Row,
-    collate,
-    encode_lm_examples,
-    rows_sha256,
-)
-
-NO_TEACHER = "none"
-"""`distill.teacher` value that trains the student on hard labels alone (the ablation)."""
-STUDENT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size")
-"""GPTConfig fields a student may set (the vocabulary is the tokenizer's)."""
-DEFAULT_STUDENT = {
-    "n_layer": 2,
-    "n_head": 4,
-    "n_embd": 160,
-    "block_size": 128,
-    "pos_encoding": "rotary",
-    "dropout": 0.0,
-}
-
-
-@dataclass
-class DistillConfig:
-    student: dict = field(default_factory=lambda: dict(DEFAULT_STUDENT))
-    """The student's GPT config fields except vocab_size (unset fields take the GPT defaults)."""
-    teacher: str = "sft"
-    """Teacher model directory under paths.models, or none to train the student without one (ablation)."""
-    temperature: float = 1.0
-    """Softmax temperature T of both models' distributions in the soft-target term (scaled by T^2)."""
-    alpha: float = 1.0
-    """Weight of the soft-target KL term; 1 - alpha weighs the hard cross-entropy (0 without teacher). On the
-    default run, book macro-F1 of the student was 0.044 at alpha 0.5 / T 2, 0.079 at 0.9 / 1, 0.086 at 1 / 1."""
-    max_steps: int = 600
-    """Optimizer steps of distillation (replaces trainer.max_steps)."""
-    batch_size: int = 32
-    """Sequences per micro-batch on each device: pretraining windows plus instruction examples."""
-    lr: float = 3e-3
-    """Peak learning rate (replaces optimizer.lr; the optimizer's kind comes from the optimizer group)."""
-    weight_decay: float = 0.1
-    """L2 strength on >=2-D weights (replaces optimizer.weight_decay)."""
-    warmup_steps: int = 50
-    """Optimizer steps of linear learning-rate warm-up before the cosine decay."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of distill.lr at distill.max_steps."""
-    sft_fraction: float = 0.5
-    """Share of each batch's sequences that are instruction examples (the rest are pretraining windows)."""
-    checkpoint_every_n_steps: int = 100
-    """Write a resumable checkpoint every N optimizer steps (and at the end)."""
-    val_check_interval: int = 100
-    """Compute the validation losses every N optimizer steps (replaces trainer.val_check_interval)."""
-    limit_val_batches: int = 20
-    """Validation batches per check (replaces trainer.limit_val_batches)."""
-    num_samples: int = 3
-    """Validation prompts answered by the student at the end."""
-    sample_tokens: int = 32
-    """New tokens per generated sample."""
-    ablation: bool = True
-    """The distill stage also trains the same student with teacher="none" (same data, budget and seed)."""
-
-    def __post_init__(self):
-        for name in (
-            "max_steps",
-            "batch_size",
-            "checkpoint_every_n_steps",
-            "val_check_interval",
-            "limit_val_batches",
-            "sample_tokens",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LmpipeError(f"distill.{name}={value!r}: expected an integer >= 1")
-        for name in ("warmup_steps", "num_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmpipeError(f"distill.{name}={value!r}: expected an integer >= 0")
-        if not isinstance(self.teacher, str) or not self.teacher or Path(self.teacher).name != self.teacher:
-            raise LmpipeError(
-                f"distill.teacher={self.teacher!r}: expected a model directory name under paths.models "
-                f"(e.g. sft) or {NO_TEACHER}"
-            )
-        if not self.temperature > 0:
-            raise LmpipeError(f"distill.temperature={self.temperature}: expected a positive temperature")
-        if not 0 <= self.alpha <= 1:
-            raise LmpipeError(f"distill.alpha={self.alpha}: expected a weight in [0, 1]")
-        if not self.lr > 0:
-            raise LmpipeError(f"distill.lr={self.lr}: expected a positive learning rate")
-        if not self.weight_decay >= 0:
-            raise LmpipeError(f"distill.weight_decay={self.weight_decay}: expected a value >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise LmpipeError(f"distill.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1]")
-        if not 0 <= self.sft_fraction <= 1:
-            raise LmpipeError(f"distill.sft_fraction={self.sft_fraction}: expected a fraction in [0, 1]")
-        n_lm, n_sft = self.batch_split
-        if 0 < self.sft_fraction < 1 and not (n_lm and n_sft):
-            raise LmpipeError(
-                f"distill.sft_fraction={self.sft_fraction}: with distill.batch_size={self.batch_size} a "
-                f"batch would hold {n_sft} examples and {n_lm} windows; expected at least one of each "
-                "(or a fraction of 0 or 1)"
-            )
-        self.student_config(vocab_size=1)  # validates the student's fields now, before any data is read
-        if self.teacher == NO_TEACHER:
-            self.alpha = 0.0  # nothing to distil from: the ablation trains on the hard labels alone
-
-    @property
-    def batch_split(self) -> tuple[int, int]:
-        """(pretraining windows, instruction examples) per micro-batch; the examples' count rounds half up."""
-        n_sft = math.floor(self.sft_fraction * self.batch_size + 0.5)
-        return self.batch_size - n_sft, n_sft
-
-    @property
-    def has_teacher(self) -> bool:
-        return self.teacher != NO_TEACHER
-
-    def student_config(self, vocab_size: int, teacher: GPTConfig | None = None) -> GPTConfig:
-        """The student's GPTConfig for a vocabulary, checked against the teacher's context if there is one."""
-        if not isinstance(self.student, dict):
-            raise LmpipeError(f"distill.student={self.student!r}: expected a mapping of GPT config fields")
-        unknown = sorted(set(self.student) - set(STUDENT_FIELDS))
-        if unknown:
-            raise LmpipeError(
-                f"distill.student.{unknown[0]}: unknown field; expected any of {', '.join(STUDENT_FIELDS)}"
-            )
-        try:
-            student = GPTConfig(vocab_size=vocab_size, **self.student)
-        except LmpipeError as exc:  # GPTConfig names its fields model.*; here they live in distill.student
-            raise LmpipeError(str(exc).replace("model.", "distill.student.")) from None
-        if teacher is not None and student.block_size > teacher.block_size:
-            raise LmpipeError(
-                f"distill.student.block_size={student.block_size}: exceeds the teacher's block_size "
-                f"{teacher.block_size}; the teacher must see the student's whole window"
-            )
-        return student
-
+from lmpipe.text_samples import answer_samples
+from lmpipe.tokenizer import load_tokenizer, read_meta, read_shard, tokenizer_hash
+from lmpipe.training.checkpointing import file_sha256
+from lmpipe.training.configs import DistillConfig, OptimizerConfig
+from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
+from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, ResumableBatches, check_shards
+from lmpipe.training.sft_data import RandomExampleBatches, Row, collate, encode_lm_examples, rows_sha256
+from lmpipe.training.streams import BatchStream
 
 # --- The loss -----------------------------------------------------------------------------------------------
 
@@ -255,10 +110,9 @@ def build_student(student_cfg: GPTConfig, seed: int) -> GPT:
 # --- Data ---------------------------------------------------------------------------------------------------
 
 
-class MixedBatches(IterableDataset):
+class MixedBatches(BatchStream):
     """Training batches {"lm": windows, "sft": examples}, each part {"input_ids", "labels"}; a part with no
-    rows is left out. Batch `b` on rank `r` is a pure function of (seed, b, r), so a resumed run that starts
-    at the batch its checkpoint reached sees what an uninterrupted one would; one pass = one epoch."""
+    rows is left out. Each part's stream draws batch `index` for this rank."""
 
     def __init__(
         self,
@@ -268,29 +122,17 @@ class MixedBatches(IterableDataset):
         start_batch: int = 0,
         rank: int = 0,
     ):
-        self.windows, self.examples, self.rank = windows, examples, rank
-        self.batches_per_epoch, self.next_batch = batches_per_epoch, start_batch
+        super().__init__(batches_per_epoch, start_batch, rank)
+        self.windows, self.examples = windows, examples
 
     def batch(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
         parts = {}
         if self.windows is not None:
-            x, y = self.windows.batch(index, self.rank)
+            x, y = self.windows.batch(index)
             parts["lm"] = {"input_ids": x, "labels": y}
-        if self.examples is not None:  # seeded with its own rank (see DistillDataModule.train_dataloader)
+        if self.examples is not None:  # seeded with its own seed (see DistillDataModule)
             parts["sft"] = self.examples.batch(index)
         return parts
-
-    def __iter__(self):
-        # Run to the end of the current epoch, starting wherever the last pass (or the checkpoint) left off.
-        epoch_end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        while self.next_batch < epoch_end:
-            index = self.next_batch
-            self.next_batch += 1
-            yield self.batch(index)
-
-    def __len__(self) -> int:
-        # The whole epoch even when resuming mid-way (see RandomWindows.__len__).
-        return self.batches_per_epoch
 
 
 class MixedValidation(Dataset):
@@ -341,14 +183,7 @@ class DistillDataModule(ResumableBatches, L.LightningDataModule):
         # The examples draw from their own stream: with the windows' seed both would pick from the same
         # random numbers, coupling which windows and which examples share a batch.
         self.sft_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
-        self._start_batch = 0
-        for split in ("train", "val"):
-            n = len(read_shard(self.tokens_dir, split))
-            if n <= block_size + 1:
-                raise LmpipeError(
-                    f"{self.tokens_dir / split}.bin: {n} tokens, fewer than one window of "
-                    f"distill.student.block_size+1={block_size + 1}; use more data or a smaller block_size"
-                )
+        check_shards(self.tokens_dir, block_size, "distill.student.block_size")
         if not train_rows or not val_rows:
             raise LmpipeError(
                 f"distillation needs training and validation examples: got {len(train_rows)} train, "
@@ -362,56 +197,62 @@ class DistillDataModule(ResumableBatches, L.LightningDataModule):
             )
 
     def batches_per_epoch(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self.world_size
         n_tokens = len(read_shard(self.tokens_dir, "train"))
         epochs = [math.ceil(n_tokens / (self.n_lm * self.block_size * world))] if self.n_lm else []
         epochs += [math.ceil(len(self.train_rows) / (self.n_sft * world))] if self.n_sft else []
         return max(1, *epochs)
 
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        per_epoch = self.batches_per_epoch()
+        rank, per_epoch = self.rank, self.batches_per_epoch()
         windows = examples = None
         if self.n_lm:
             windows = RandomWindows(
-                self.tokens_dir, "train", self.block_size, self.n_lm, self.seed, per_epoch
+                self.tokens_dir, "train", self.block_size, self.n_lm, self.seed, per_epoch, rank=rank
             )
         if self.n_sft:
             examples = RandomExampleBatches(
                 self.train_rows, self.n_sft, self.sft_seed, self.pad_id, per_epoch, rank=rank
             )
-        dataset = MixedBatches(windows, examples, per_epoch, start_batch=self._start_batch, rank=rank)
-        return DataLoader(dataset, batch_size=None, generator=self._own_generator())
+        return self.loader(
+            MixedBatches(windows, examples, per_epoch, start_batch=self._start_batch, rank=rank)
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._validation(), batch_size=None, shuffle=False, generator=self._own_generator())
+        return self.loader(self._validation(), shuffle=False)
 
     def _validation(self) -> MixedValidation:
         windows = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)
         return MixedValidation(windows, self.val_rows, self.n_lm, self.n_sft, self.pad_id)
 
 
-# --- Lightning module and callbacks ------------------------------------------------------------------------
+# --- The model ----------------------------------------------------------------------------------------------
 
 
-class LitDistill(RngStateInCheckpoints, L.LightningModule):
-    """The trainable student, the frozen teacher (or none), the distillation objective and the optimizer."""
+class LitDistill(TrainingModule):
+    """The trainable student, the frozen teacher (or none) and the distillation objective."""
 
-    def __init__(self, student: GPT, teacher: GPT | None, optimizer: dict, distill: dict):
-        super().__init__()
-        self.cfg = DistillConfig(**distill)
-        self.optim_cfg = OptimizerConfig(**optimizer)
+    def __init__(self, student: GPT, teacher: GPT | None, optimizer: OptimizerConfig, distill: DistillConfig):
+        super().__init__(optimizer, distill, distill.max_steps)
+        self.cfg = distill
         self.student = student.requires_grad_(True)
         self.teacher = None if teacher is None else teacher.requires_grad_(False)
-        n_lm, n_sft = self.cfg.batch_split
-        self.part_weights = {"lm": n_lm / self.cfg.batch_size, "sft": n_sft / self.cfg.batch_size}
+        n_lm, n_sft = distill.batch_split
+        self.part_weights = {"lm": n_lm / distill.batch_size, "sft": n_sft / distill.batch_size}
         self.train()
+
+    @property
+    def frozen_in_eval(self) -> bool:
+        return self.teacher is not None
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # no dropout in the targets
         return self
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return self.student.param_groups(weight_decay)
 
     def part_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, DistillLoss]:
         """The loss of each part of a batch (module docstring)."""
@@ -427,56 +268,37 @@ class LitDistill(RngStateInCheckpoints, L.LightningModule):
             )
         return losses
 
+    def _weighted(self, losses: dict[str, DistillLoss], term: str) -> torch.Tensor:
+        return sum(self.part_weights[p] * getattr(loss, term) for p, loss in losses.items())
+
     def batch_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> DistillLoss:
         """The parts' losses weighted by their share of the batch's rows."""
         losses = self.part_losses(batch)
-
-        def weighted(term: str) -> torch.Tensor:
-            return sum(self.part_weights[p] * getattr(loss, term) for p, loss in losses.items())
-
-        ce = weighted("ce")
+        ce = self._weighted(losses, "ce")
         if self.teacher is None:
             return DistillLoss(ce, ce, None)
-        return DistillLoss(weighted("total"), ce, weighted("kl"))
+        return DistillLoss(self._weighted(losses, "total"), ce, self._weighted(losses, "kl"))
 
-    def training_step(self, batch, batch_idx):
+    def training_loss(self, batch):
         loss = self.batch_loss(batch)
-        self.log("train_loss", loss.ce, prog_bar=True)
-        self.log("train_objective", loss.total)
+        logged = {"train_loss": loss.ce, "train_objective": loss.total}
         if loss.kl is not None:
-            self.log("train_kl", loss.kl)
-        objective = loss.total
-        if self.optim_cfg.l1 > 0:
-            penalty = self.optim_cfg.l1 * l1_penalty(self._decayed)
-            self.log("l1_penalty", penalty)
-            objective = objective + penalty
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
-        return objective
+            logged["train_kl"] = loss.kl
+        return loss.total, logged
 
-    def validation_step(self, batch, batch_idx):
+    def validation_losses(self, batch):
         losses = self.part_losses(batch)
-        rows = sum(len(part["input_ids"]) for part in batch.values())
+        logged = {}
         for part, loss in losses.items():
             n = len(batch[part]["input_ids"])
-            self.log(f"val_{part}_loss", loss.ce, sync_dist=True, batch_size=n)
+            logged[f"val_{part}_loss"] = (loss.ce, n)
             if loss.kl is not None:
-                self.log(f"val_{part}_kl", loss.kl, sync_dist=True, batch_size=n)
-        ce = sum(self.part_weights[p] * loss.ce for p, loss in losses.items())
-        self.log("val_loss", ce, prog_bar=True, sync_dist=True, batch_size=rows)
+                logged[f"val_{part}_kl"] = (loss.kl, n)
+        rows = sum(len(part["input_ids"]) for part in batch.values())
+        logged["val_loss"] = (self._weighted(losses, "ce"), rows)
         if self.teacher is not None:
-            kl = sum(self.part_weights[p] * loss.kl for p, loss in losses.items())
-            self.log("val_kl", kl, sync_dist=True, batch_size=rows)
-
-    def configure_optimizers(self):
-        groups = self.student.param_groups(self.optim_cfg.weight_decay)
-        # L1 acts on the weights that decay (listed first) even when weight_decay is 0, as in pretraining.
-        self._decayed = groups[0]["params"]
-        optimizer = build_optimizer(groups, self.optim_cfg)
-        c = self.cfg
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+            logged["val_kl"] = (self._weighted(losses, "kl"), rows)
+        return logged
 
     # The teacher stays out of checkpoints (its weights are pinned by the fingerprint and read from its model
     # directory); on resume its current weights stand in, so the strict state-dict load still matches.
@@ -519,46 +341,10 @@ class ValidationCurves(L.Callback):
 
 # --- The run -----------------------------------------------------------------------------------------------
 
-# distill fields that only shape what is reported after training, never the weights.
-_REPORTING_ONLY = ("num_samples", "sample_tokens")
-
-
-def fingerprint(
-    seed: int,
-    optimizer: OptimizerConfig,
-    distill: DistillConfig,
-    trainer: DictConfig,
-    teacher_sha256: str | None,
-    data: dict,
-) -> str:
-    """Hash of everything that changes what distillation computes: the effective optimizer and trainer
-    settings (after distill's replacements), the distill section, the teacher's weights and the data."""
-    shaping = {
-        "seed": seed,
-        "optimizer": dataclasses.asdict(optimizer),
-        "distill": {k: v for k, v in dataclasses.asdict(distill).items() if k not in _REPORTING_ONLY},
-        "trainer": trainer_shaping(trainer),
-        "teacher": teacher_sha256,
-        "data": data,
-    }
-    return digest(shaping)
-
-
-@dataclass
-class DistillResult:
-    model: GPT
-    """The trained student (float32, eval mode)."""
-    metrics: dict
-    """Steps, losses, example counts, student/teacher parameters and their ratio, fit diagnosis, seconds."""
-    curves: dict[str, list[tuple[int, float]]]
-    """(step, value) points of train_loss, val_loss and the other validation metrics the run logged."""
-    samples: list[dict]
-    """{"prompt", "completion", "reference"} for a few validation examples."""
-
 
 def _load_teacher(teacher_dir: Path, tokens_dir: Path, meta: dict) -> GPT:
     """The frozen teacher, after checking that it reads the token shards' ids and chat template."""
-    teacher, _ = load_model(teacher_dir / "model.pt")
+    teacher, _ = load_model(teacher_dir / MODEL_FILE)
     if tokenizer_hash(teacher_dir / TOKENIZER_FILE) != meta.get("tokenizer_sha256"):
         raise LmpipeError(
             f"{teacher_dir / TOKENIZER_FILE}: not the tokenizer of {tokens_dir}; "
@@ -570,13 +356,13 @@ def _load_teacher(teacher_dir: Path, tokens_dir: Path, meta: dict) -> GPT:
         )
     if teacher.config.vocab_size != meta["vocab_size"]:
         raise LmpipeError(
-            f"{teacher_dir / 'model.pt'}: vocab_size {teacher.config.vocab_size} differs from the "
+            f"{teacher_dir / MODEL_FILE}: vocab_size {teacher.config.vocab_size} differs from the "
             f"tokenizer's {meta['vocab_size']} in {tokens_dir}"
         )
     return teacher.eval().requires_grad_(False)
 
 
-def distill(cfg: DictConfig, run=None) -> DistillResult | None:
+def distill(cfg: DictConfig, run=None) -> TrainResult | None:
     """Distil the teacher into a new student (resuming if possible); on the main process return the result.
 
     Reads `<paths.tokens>/` (shards, tokenizer, chat template), `<paths.instructions>/` (train/val examples)
@@ -584,17 +370,16 @@ def distill(cfg: DictConfig, run=None) -> DistillResult | None:
     worker processes.
     """
     from lmpipe.data.instructions import read_examples
-    from lmpipe.tracking import is_main_process, lightning_logger
 
     dcfg: DistillConfig = config.build(cfg.distill)
-    optim_cfg: OptimizerConfig = config.build(cfg.optimizer, lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    optim_cfg = dcfg.optimizer(cfg.optimizer)
     tokens_dir = Path(cfg.paths.tokens)
     meta = read_meta(tokens_dir)
     teacher, teacher_sha256 = None, None
     if dcfg.has_teacher:
         teacher_dir = Path(cfg.paths.models) / dcfg.teacher
         teacher = _load_teacher(teacher_dir, tokens_dir, meta)
-        teacher_sha256 = file_sha256(teacher_dir / "model.pt")
+        teacher_sha256 = file_sha256(teacher_dir / MODEL_FILE)
     student_cfg = dcfg.student_config(meta["vocab_size"], None if teacher is None else teacher.config)
     tokenizer = load_tokenizer(tokens_dir / TOKENIZER_FILE)
     template = load_chat_template(tokens_dir)
@@ -611,58 +396,40 @@ def distill(cfg: DictConfig, run=None) -> DistillResult | None:
     rows = {split: part[0] for split, part in encoded.items()}
     skipped = {split: part[1] for split, part in encoded.items()}
 
-    quiet_lightning()
-    if teacher is not None:  # the frozen teacher stays in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = DistillDataModule(
-        tokens_dir, student_cfg.block_size, rows["train"], rows["val"], dcfg.batch_split, cfg.seed, pad_id
-    )
-    trainer_cfg = OmegaConf.merge(
-        cfg.trainer,
-        {
-            "max_steps": dcfg.max_steps,
-            "val_check_interval": dcfg.val_check_interval,
-            "limit_val_batches": dcfg.limit_val_batches,
-        },
-    )
-    data = {
-        "tokenizer": meta.get("tokenizer_sha256"),
-        "token_counts": meta.get("splits"),
-        "examples": rows_sha256(rows),
-    }
-    fp = fingerprint(cfg.seed, optim_cfg, dcfg, trainer_cfg, teacher_sha256, data)
-    ckpt_dir = Path(cfg.paths.checkpoints) / f"distill-{dcfg.teacher}"
-    resume = resume_checkpoint(ckpt_dir, fp, may_reset=is_main_process())
-    if resume and is_main_process():
-        print(f"distill: resuming from {resume}", flush=True)
-    student = build_student(student_cfg, cfg.seed)
-    module = LitDistill(student, teacher, dataclasses.asdict(optim_cfg), dataclasses.asdict(dcfg))
-
-    every = int(cfg.trainer.log_every_n_steps)
-    history, val_curves = LossHistory(every), ValidationCurves()
-    progress, show_bar = progress_callbacks(every)
-    trainer = build_trainer(
-        trainer_cfg,
-        callbacks=[history, val_curves, *progress],
-        show_bar=show_bar,
-        ckpt_dir=ckpt_dir,
+    val_curves = ValidationCurves()
+    plan = FitPlan(
+        name=f"distill-{dcfg.teacher}",
+        build_module=lambda: LitDistill(build_student(student_cfg, cfg.seed), teacher, optim_cfg, dcfg),
+        datamodule=DistillDataModule(
+            tokens_dir, student_cfg.block_size, rows["train"], rows["val"], dcfg.batch_split, cfg.seed, pad_id
+        ),
+        trainer=dcfg.trainer(cfg.trainer),
         checkpoint_every_n_steps=dcfg.checkpoint_every_n_steps,
-        logger=lightning_logger(run, cfg),
+        shaping={
+            "optimizer": optim_cfg,
+            "distill": dcfg,
+            "teacher": teacher_sha256,
+            "data": {
+                "tokenizer": meta.get("tokenizer_sha256"),
+                "token_counts": meta.get("splits"),
+                "examples": rows_sha256(rows),
+            },
+        },
+        callbacks=[val_curves],
     )
-    train_seconds = fit_resumable(trainer, module, datamodule, resume, ckpt_dir)
-    if not trainer.is_global_zero:
+    fitted = fit(plan, cfg, run)
+    if fitted is None:
         return None
 
-    model = module.student.float().eval()
+    model = fitted.module.student.float().eval()
     student_params = model.num_parameters()
     teacher_params = None if teacher is None else teacher.num_parameters()
-    curves = {"train_loss": history.train, "val_loss": history.val}
-    curves.update({key: curve for key, curve in val_curves.curves.items() if curve})
+    kept = {key: curve for key, curve in val_curves.curves.items() if curve}
     n_lm, n_sft = dcfg.batch_split
     metrics = {
         "teacher": dcfg.teacher,
-        "steps": trainer.global_step,
+        **fitted.metrics(),
+        **{key: curve[-1][1] for key, curve in kept.items()},
         "batch_windows": n_lm,
         "batch_examples": n_sft,
         "train_examples": len(rows["train"]),
@@ -671,31 +438,9 @@ def distill(cfg: DictConfig, run=None) -> DistillResult | None:
         "student_parameters": student_params,
         "teacher_parameters": teacher_params,
         "parameter_ratio": None if teacher_params is None else student_params / teacher_params,
-        "train_loss": history.train[-1][1] if history.train else None,
-        "val_loss": history.val[-1][1] if history.val else None,
-        **{key: curve[-1][1] for key, curve in val_curves.curves.items() if curve},
-        "train_seconds": train_seconds,
-        "resumed": resume is not None,
-        "fit": diagnose_fit(history.train, history.val),
     }
-    samples = _samples(model, tokenizer, template, frames["val"], dcfg, cfg.seed)
-    model.requires_grad_(True)  # a plain GPT, as load_model returns it
-    return DistillResult(model, metrics, curves, samples)
-
-
-def _samples(
-    model: GPT, tokenizer, template: str, val: pd.DataFrame, dcfg: DistillConfig, seed: int
-) -> list[dict]:
-    """The student's answers to up to `num_samples` validation prompts spread over the file (its tasks come in
-    blocks), with the reference answers."""
-    if dcfg.num_samples == 0 or val.empty:
-        return []
-    chosen = val.iloc[np.unique(np.linspace(0, len(val) - 1, dcfg.num_samples).round().astype(int))]
-    texts = [prompt_text(prompt, template) for prompt in chosen["prompt"]]
-    generated = generate_samples(
-        model, tokenizer, texts, dcfg.sample_tokens, seed=seed, eot_id=tokenizer.token_to_id(END)
+    samples = answer_samples(
+        model, tokenizer, template, frames["val"], dcfg.num_samples, dcfg.sample_tokens, cfg.seed
     )
-    return [
-        {"prompt": prompt, "completion": sample["completion"], "reference": reference}
-        for prompt, reference, sample in zip(chosen["prompt"], chosen["response"], generated, strict=True)
-    ]
+    model.requires_grad_(True)  # a plain GPT, as load_model returns it
+    return TrainResult(model, metrics, {**fitted.curves, **kept}, samples)

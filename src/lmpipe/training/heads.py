@@ -20,13 +20,10 @@ from torch import nn
 from lmpipe.atomic import atomic_path
 from lmpipe.chat import load_chat_template
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import HEADS_FILE, MODEL_FILE, PAD, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from lmpipe.model import GPT, load_model
-from lmpipe.tokenizer import PAD, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_tokenizer
+from lmpipe.tokenizer import load_tokenizer
 from lmpipe.training.sft_data import Row, collate
-
-MODEL_FILE = "model.pt"
-HEADS_FILE = "heads.pt"
-"""The heads' file in a model directory, beside the frozen GPT's `model.pt`."""
 
 
 def last_prompt_hidden(model: GPT, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

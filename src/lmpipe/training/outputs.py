@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmpipe import atomic
+from lmpipe.formats import MODEL_FILE, SAMPLES_FILE
 from lmpipe.model import save_checkpoint
 from lmpipe.text_samples import format_samples
 from lmpipe.tokenizer import copy_tokenizer
@@ -27,9 +28,9 @@ def write_model_dir(
     model_dir = Path(model_dir)
     with atomic.atomic_path(model_dir) as tmp:
         tmp.mkdir()
-        save_checkpoint(tmp / "model.pt", model, extra)
+        save_checkpoint(tmp / MODEL_FILE, model, extra)
         copy_tokenizer(tokenizer_dir, tmp)
-        (tmp / "samples.txt").write_text(format_samples(samples), encoding="utf-8")
+        (tmp / SAMPLES_FILE).write_text(format_samples(samples), encoding="utf-8")
         if also is not None:
             also(tmp)
     return model_dir

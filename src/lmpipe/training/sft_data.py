@@ -10,8 +10,8 @@ and needs no attention mask; its labels are -100, so it cannot change the loss e
 
 Training batches are drawn at random, batch `b` on rank `r` a pure function of (seed, b, r) as in
 pretraining, so a resumed run that starts at the batch its checkpoint reached sees exactly the batches an
-uninterrupted one would (`RandomExampleBatches`; the Lightning data module in `lmpipe.training.sft` saves
-that count).
+uninterrupted one would (`RandomExampleBatches`, a `lmpipe.training.streams.BatchStream`; the Lightning data
+module in `lmpipe.training.sft` saves that count).
 
 Nothing here imports Lightning: the classification heads collate prompts at evaluation time too.
 """
@@ -24,15 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
 
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import IGNORE_INDEX
+from lmpipe.training.streams import BatchStream
 
 if TYPE_CHECKING:
     import pandas as pd
-
-IGNORE_INDEX = -100
-"""Label of a position the loss skips (PyTorch's cross-entropy default, as in the instruction data)."""
 
 Row = dict
 """One encoded example: int arrays ("input_ids", and "labels" for language modelling) and, for the head
@@ -113,8 +111,8 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-class RandomExampleBatches(IterableDataset):
-    """Yields whole padded batches of random examples; one pass = one epoch of `batches_per_epoch`."""
+class RandomExampleBatches(BatchStream):
+    """Whole padded batches of random examples."""
 
     def __init__(
         self,
@@ -126,26 +124,13 @@ class RandomExampleBatches(IterableDataset):
         start_batch: int = 0,
         rank: int = 0,
     ):
+        super().__init__(batches_per_epoch, start_batch, rank)
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
-        self.batches_per_epoch, self.next_batch, self.rank = batches_per_epoch, start_batch, rank
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index, self.rank])
         picks = rng.integers(0, len(self.rows), size=self.batch_size)
         return collate([self.rows[i] for i in picks], self.pad_id)
-
-    def __iter__(self):
-        # Run to the end of the current epoch, starting wherever the last pass (or the checkpoint) left off.
-        epoch_end = (self.next_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        while self.next_batch < epoch_end:
-            index = self.next_batch
-            self.next_batch += 1
-            yield self.batch(index)
-
-    def __len__(self) -> int:
-        # The whole epoch even when resuming mid-way, as RandomWindows explains: Lightning restores its own
-        # count of the epoch's batches and ends the epoch at len().
-        return self.batches_per_epoch
 
 
 def rows_sha256(rows: dict[str, list[Row]]) -> str:

@@ -1,0 +1,185 @@
+"""The training core every stage plugs into: one base LightningModule and one `fit`.
+
+A stage (pretraining, fine-tuning, distillation, ...) supplies only
+- its model, as a `TrainingModule` subclass: `param_groups` (what trains, decayed weights first),
+  `training_loss` (the objective and what to log of it) and `validation_losses`;
+- its data, as a Lightning data module whose training batches are one resumable stream
+  (`lmpipe.training.datamodules`);
+- a `FitPlan` naming its checkpoint folder, effective trainer section, extra callbacks and what shapes the run.
+
+The base module owns the optimizer (`build_optimizer`), the warm-up + cosine schedule, the L1 penalty on the
+decayed weights and the logging; `fit` owns seeding, the fingerprint and resume, the Trainer with its
+callbacks and checkpoints, and the metrics every stage reports.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from lmpipe.model import GPT
+from lmpipe.training.callbacks import LossHistory, progress_callbacks
+from lmpipe.training.checkpointing import (
+    RngStateInCheckpoints,
+    build_trainer,
+    fingerprint,
+    fit_resumable,
+    quiet_lightning,
+    resume_checkpoint,
+)
+from lmpipe.training.configs import OptimizerConfig, Schedule
+from lmpipe.training.fit_diagnosis import diagnose_fit
+from lmpipe.training.optim import build_optimizer, l1_penalty, warmup_cosine
+
+Curve = list[tuple[int, float]]
+
+
+class TrainingModule(RngStateInCheckpoints, L.LightningModule):
+    """Optimization and logging for a stage's model; the RNG state rides in checkpoints so resume is exact.
+
+    `schedule` gives the warm-up and final learning-rate ratio, `total_steps` the length of the cosine.
+    """
+
+    frozen_in_eval = False
+    """True where a stage keeps frozen parts in eval mode on purpose (Lightning would warn about them)."""
+
+    def __init__(self, optimizer: OptimizerConfig, schedule: Schedule, total_steps: int):
+        super().__init__()
+        self.optim_cfg, self.schedule, self.total_steps = optimizer, schedule, total_steps
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups, each with its weight_decay; the first holds the decayed weights."""
+        raise NotImplementedError
+
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the objective to minimise, the values to log: at least train_loss)."""
+        raise NotImplementedError
+
+    def validation_losses(self, batch) -> dict[str, tuple[torch.Tensor, int]]:
+        """{metric: (value, rows it averages over)}: at least val_loss."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        objective, logged = self.training_loss(batch)
+        for name, value in logged.items():
+            self.log(name, value, prog_bar=name == "train_loss")
+        if self.optim_cfg.l1 > 0:
+            penalty = self.optim_cfg.l1 * l1_penalty(self._decayed)
+            self.log("l1_penalty", penalty)
+            objective = objective + penalty
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return objective
+
+    def validation_step(self, batch, batch_idx):
+        for name, (value, rows) in self.validation_losses(batch).items():
+            self.log(name, value, prog_bar=name == "val_loss", sync_dist=True, batch_size=rows)
+
+    def configure_optimizers(self):
+        groups = self.param_groups(self.optim_cfg.weight_decay)
+        # L1 acts on the weights that decay (listed first) even when weight_decay is 0.
+        self._decayed = groups[0]["params"]
+        optimizer = build_optimizer(groups, self.optim_cfg)
+        s, total = self.schedule, self.total_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, s.warmup_steps, total, s.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@dataclass
+class FitPlan:
+    """What one training run of a stage is: everything `fit` needs that the stage decides."""
+
+    name: str
+    """The run's name: its checkpoint folder under paths.checkpoints and the prefix of its messages."""
+    build_module: Callable[[], TrainingModule]
+    """Builds the module once the global RNG is seeded (initial weights draw from it)."""
+    datamodule: L.LightningDataModule
+    trainer: DictConfig
+    """The effective trainer section (with the stage's replacements)."""
+    checkpoint_every_n_steps: int
+    shaping: dict
+    """Everything besides the seed and the trainer that shapes the run (see `checkpointing.fingerprint`)."""
+    callbacks: list[L.Callback] = field(default_factory=list)
+    """The stage's own callbacks, beside the loss history, progress and checkpoints."""
+
+    def fingerprint(self, seed: int) -> str:
+        return fingerprint(seed, self.trainer, **self.shaping)
+
+
+@dataclass
+class TrainResult:
+    """What a training stage hands its pipeline script (main process only)."""
+
+    model: GPT
+    """The trained GPT (float32, eval mode)."""
+    metrics: dict
+    """The common metrics of `Fitted.metrics` plus the stage's own."""
+    curves: dict[str, Curve]
+    """(step, value) points of train_loss, val_loss and any other curve the stage keeps."""
+    samples: list[dict]
+    """{"prompt", "completion"} (and "reference" where there is one) generated at the end."""
+
+
+@dataclass
+class Fitted:
+    """A finished fit on the main process."""
+
+    module: TrainingModule
+    trainer: L.Trainer
+    history: LossHistory
+    resumed: bool
+    train_seconds: float
+
+    @property
+    def curves(self) -> dict[str, Curve]:
+        return {"train_loss": self.history.train, "val_loss": self.history.val}
+
+    def metrics(self) -> dict:
+        """The metrics every stage reports: steps, last losses, seconds, whether it resumed, the fit verdict."""
+        train, val = self.history.train, self.history.val
+        return {
+            "steps": self.trainer.global_step,
+            "train_loss": train[-1][1] if train else None,
+            "val_loss": val[-1][1] if val else None,
+            "train_seconds": self.train_seconds,
+            "resumed": self.resumed,
+            "fit": diagnose_fit(train, val),
+        }
+
+
+def fit(plan: FitPlan, cfg: DictConfig, run=None) -> Fitted | None:
+    """Train `plan` (seeded by cfg.seed, resuming from its checkpoints if its fingerprint matches), logging to
+    `run`; returns None in DDP worker processes, which must not write outputs."""
+    from lmpipe.tracking import is_main_process, lightning_logger
+
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = Path(cfg.paths.checkpoints) / plan.name
+    resume = resume_checkpoint(ckpt_dir, plan.fingerprint(cfg.seed), may_reset=is_main_process())
+    if resume and is_main_process():
+        print(f"{plan.name}: resuming from {resume}", flush=True)
+    module = plan.build_module()
+    if module.frozen_in_eval:
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+    history = LossHistory(int(cfg.trainer.log_every_n_steps))
+    progress, show_bar = progress_callbacks(int(cfg.trainer.log_every_n_steps))
+    trainer = build_trainer(
+        plan.trainer,
+        callbacks=[history, *plan.callbacks, *progress],
+        show_bar=show_bar,
+        ckpt_dir=ckpt_dir,
+        checkpoint_every_n_steps=plan.checkpoint_every_n_steps,
+        logger=lightning_logger(run, cfg),
+    )
+    seconds = fit_resumable(trainer, module, plan.datamodule, resume, ckpt_dir)
+    if not trainer.is_global_zero:
+        return None
+    return Fitted(module, trainer, history, resume is not None, seconds)

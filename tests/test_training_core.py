@@ -1,0 +1,59 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lmpipe.model import GPT, GPTConfig
+from lmpipe.training.configs import OptimizerConfig, Schedule
+from lmpipe.training.optim import l1_penalty, warmup_cosine
+from lmpipe.training.pretrain import LitGPT
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+
+
+def fixed_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (batch, TINY.block_size + 1)
+    data = torch.randint(0, TINY.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    return data[:, :-1], data[:, 1:]
+
+
+def fit_lit(l1: float, warmup_steps: int = 0, min_lr_ratio: float = 1.0) -> tuple[LitGPT, L.Trainer]:
+    """30 steps of a TrainingModule (the pretraining one) on fixed data, with the base's optimization."""
+    torch.manual_seed(0)
+    optimizer = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, l1=l1)
+    module = LitGPT(TINY, optimizer, Schedule(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio), 30)
+    x, y = fixed_batch(batch=32)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=30,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 30
+    return module, trainer
+
+
+def test_training_with_a_large_l1_penalty_drives_the_weights_smaller():
+    def size(model: GPT) -> float:
+        return l1_penalty(model.param_groups(0.1)[0]["params"]).item()
+
+    torch.manual_seed(0)
+    start = size(GPT(TINY))
+    (plain, _), (sparse, trainer) = fit_lit(0.0), fit_lit(1e-3)
+    assert trainer.callback_metrics["l1_penalty"].item() > 0
+    assert size(sparse.model) < 0.8 * size(plain.model)
+    assert size(sparse.model) < start
+
+
+def test_the_base_module_logs_the_loss_and_follows_the_schedule():
+    _, trainer = fit_lit(0.0, warmup_steps=10, min_lr_ratio=0.1)
+    logged = trainer.callback_metrics
+    assert {"train_loss", "lr"} <= set(logged) and "l1_penalty" not in logged
+    # The last step (29) logs the lr of the warm-up + cosine schedule that ends at min_lr_ratio * lr at step 30.
+    assert logged["lr"].item() == pytest.approx(3e-3 * warmup_cosine(29, 10, 30, 0.1))
+    assert warmup_cosine(30, 10, 30, 0.1) == pytest.approx(0.1)
