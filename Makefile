@@ -37,7 +37,7 @@ test-fast: setup  ## unit tests only (skips tests marked slow)
 	$(BIN)/pytest -q -m "not slow"
 
 METHODS := full lora head
-compare-sft: setup  ## fine-tune with every sft.method (conf/ + OVERRIDES) and compare them: metrics/sft-compare/evaluate.md
+compare-sft: setup  ## fine-tune with every sft.method and compare them (metrics/sft-compare/evaluate.md); OVERRIDES (e.g. experiment=smoke) go to sft.py and evaluate.py, so set only what both read
 	for m in $(METHODS); do \
 	  $(BIN)/python pipelines/sft.py sft.method=$$m paths.sft=models/sft-$$m paths.checkpoints=checkpoints/sft-$$m \
 	    paths.metrics=metrics/sft-compare/$$m paths.plots=plots/sft-compare/$$m $(OVERRIDES) || exit 1; \

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dvc_graph
 import pytest
+from readme_commands import readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
@@ -37,6 +39,12 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}"
     return output
+
+
+def dvc_status(path: Path, env: dict) -> dict:
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
 
 
 def ran_stages(output: str) -> set[str]:
@@ -148,3 +156,35 @@ def test_exp_run_reruns_only_affected_stages(repo):
     assert json.loads((path / "metrics/evaluate.json").read_text())["lm"]["pretrained"]["test_ppl"] != before
     diff = run(["dvc", "metrics", "diff", "--json"], path, env)
     assert "evaluate.json" in diff
+
+
+@pytest.mark.parametrize("module", ["src/lmpipe/chat.py", "src/lmpipe/model.py", "src/lmpipe/tracking.py"])
+def test_editing_a_module_changes_exactly_the_stages_that_run_it(repo, module):
+    path, env = repo
+    stages = dvc_graph.dvc_stages(path)
+    runs_it = {name for name, s in stages.items() if module in dvc_graph.code_files(s.script, s.sections)}
+    assert dvc_graph.stages_running(module, stages) == runs_it  # what dvc.yaml declares is what the code runs
+    assert dvc_status(path, env) == {}  # the finished run is up to date
+    source = path / module
+    text = source.read_text(encoding="utf-8")
+    try:
+        source.write_text(text + "# edited\n", encoding="utf-8")
+        status = dvc_status(path, env)
+        assert set(status) == runs_it
+        assert all({"changed deps": {module: "modified"}} in status[name] for name in runs_it)
+    finally:
+        source.write_text(text, encoding="utf-8")
+    assert dvc_status(path, env) == {}
+
+
+def test_readme_commands_run_on_the_smoke_run(repo):
+    # Last: the README's pretraining command overwrites the smoke run's pretrained model.
+    path, env = repo
+    venv_bin = f"{Path(sys.executable).parent}/"
+    for command in readme_commands():
+        if command.skipped:
+            continue
+        if command.language == "python":
+            run([sys.executable, "-c", command.text], path, env)
+        else:
+            run(["bash", "-c", command.text.replace(".venv/bin/", venv_bin)], path, env)
