@@ -200,3 +200,15 @@ def test_failed_expectation_keeps_the_tracked_report_and_the_corpus(workdir, out
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "metrics" / "data_validation.json").read_text())["success"] is True
     assert not failed_path.exists()
+
+
+def test_override_of_a_section_the_stage_does_not_read(workdir, outputs):
+    # Once silently ignored while pretrain trained and overwrote its model: now refused before anything runs.
+    out, paths = outputs
+    before = snapshot(out)
+    proc = run_script(workdir, "pretrain.py", "tokenizer.vocab_size=3", *paths)
+    assert error_line(proc, "pretrain") == (
+        "pretrain: error: override 'tokenizer.vocab_size=3': stage pretrain does not read section 'tokenizer'"
+        " (read by: tokenize)"
+    )
+    assert snapshot(out) == before
