@@ -15,7 +15,7 @@ SECTIONS = ("seed", "paths", "instructions", "logger")
 
 def main(cfg):
     from lmpipe import atomic
-    from lmpipe.data.corpus import read_corpus
+    from lmpipe.data.corpus import CORPUS_FILE, read_corpus
     from lmpipe.data.instructions import (
         build_examples,
         build_mc,
@@ -27,7 +27,7 @@ def main(cfg):
     icfg = config.build(cfg.instructions)
     out = Path(cfg.paths.instructions)
     with tracking.stage_run("instructions", cfg, SECTIONS):
-        corpus = read_corpus(Path(cfg.paths.prepared) / "corpus.parquet")
+        corpus = read_corpus(Path(cfg.paths.prepared) / CORPUS_FILE)
         examples = build_examples(corpus, icfg, cfg.seed)
         if icfg.mc_jsonl:
             items = [

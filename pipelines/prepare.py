@@ -18,7 +18,7 @@ FAILED_REPORT_FILE = "data_validation.failed.json"
 
 
 def main(cfg):
-    from lmpipe.data.corpus import corpus_stats, prepare_corpus, write_corpus
+    from lmpipe.data.corpus import CORPUS_FILE, CORPUS_STATS_FILE, corpus_stats, prepare_corpus, write_corpus
     from lmpipe.data.validate import raise_for_failures, validate_corpus
 
     out = Path(cfg.paths.prepared)
@@ -42,8 +42,8 @@ def main(cfg):
         stats = corpus_stats(corpus)
         with atomic.atomic_path(out) as tmp:
             tmp.mkdir()
-            write_corpus(corpus, tmp / "corpus.parquet")
-            atomic.write_json(tmp / "stats.json", stats)
+            write_corpus(corpus, tmp / CORPUS_FILE)
+            atomic.write_json(tmp / CORPUS_STATS_FILE, stats)
         atomic.write_json(report_path, report)
         failed_path.unlink(missing_ok=True)
         tracking.log_metrics(stats, prefix="corpus")

@@ -15,11 +15,11 @@ SECTIONS = ("seed", "paths", "tokenizer", "logger")
 
 
 def main(cfg):
-    from lmpipe.data.corpus import documents_by_split, read_corpus
+    from lmpipe.data.corpus import CORPUS_FILE, documents_by_split, read_corpus
     from lmpipe.tokenizer import train_tokenizer, write_shards
 
     with tracking.stage_run("tokenize", cfg, SECTIONS):
-        corpus = read_corpus(Path(cfg.paths.prepared) / "corpus.parquet")
+        corpus = read_corpus(Path(cfg.paths.prepared) / CORPUS_FILE)
         docs = documents_by_split(corpus)
         tokenizer = train_tokenizer(docs["train"], config.build(cfg.tokenizer))
         meta = write_shards(Path(cfg.paths.tokens), docs, tokenizer)

@@ -25,6 +25,11 @@ CORPUS_COLUMNS = ("source", "doc_id", "group", "position", "text", "split", "boo
 
 CORPUS_DTYPES = {**SOURCE_DTYPES, "split": "str"}
 
+CORPUS_FILE = "corpus.parquet"
+"""The corpus inside a prepared directory (the prepare stage's output)."""
+CORPUS_STATS_FILE = "stats.json"
+"""Beside the corpus: `corpus_stats` of it."""
+
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
