@@ -11,7 +11,7 @@ from pathlib import Path
 from lmpipe import config, tracking
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "tokenizer", "logger")
+SECTIONS = ("paths", "tokenizer", "logger")
 
 
 def main(cfg):
