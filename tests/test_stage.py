@@ -17,7 +17,7 @@ CONF = ROOT / "conf"
 SECTIONS = ("seed", "model")
 STAGES = stage_scripts(ROOT / "pipelines")
 # What `--help` must not import: each of these stacks takes seconds, and the help must answer in under 2 s.
-HEAVY = ("lightning", "mlflow", "great_expectations", "onnxruntime")
+HEAVY = ("lightning", "torch", "mlflow", "great_expectations", "onnxruntime")
 
 
 @pytest.fixture
