@@ -9,7 +9,7 @@ from pathlib import Path
 from lmpipe import atomic, config, tracking
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "quantize", "logger")
+SECTIONS = ("paths", "quantize", "logger")
 
 
 def main(cfg):

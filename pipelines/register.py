@@ -16,7 +16,7 @@ from lmpipe import atomic, config, tracking
 from lmpipe.errors import LmpipeError, require_file
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "data", "register", "logger")
+SECTIONS = ("paths", "data", "register", "logger")
 
 
 def main(cfg):
