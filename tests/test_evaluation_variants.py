@@ -3,7 +3,7 @@ import pytest
 from tiny_models import make_model_dir, tiny_tokenizer
 
 from lmpipe.errors import LmpipeError
-from lmpipe.evaluation.variants import load_variant, onnx_row, torch_variant_name
+from lmpipe.evaluation.variants import load_variant, torch_variant_name
 
 
 @pytest.mark.parametrize(
@@ -18,10 +18,6 @@ from lmpipe.evaluation.variants import load_variant, onnx_row, torch_variant_nam
 )
 def test_a_torch_model_is_named_by_the_stage_that_saved_it(extra, name):
     assert torch_variant_name(extra) == name
-
-
-def test_an_onnx_export_is_named_by_its_directory():
-    assert onnx_row("teacher-int8") == "onnx-teacher-int8"
 
 
 def test_a_torch_model_directory_opens_with_every_interface(tmp_path):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmpipe.errors import LmpipeError
-from lmpipe.inference.onnx_dir import REQUIRED_KEYS, read_onnx_config
+from lmpipe.inference.onnx_dir import REQUIRED_KEYS, onnx_row, read_onnx_config
 
 
 @pytest.fixture
@@ -11,6 +11,10 @@ def export_dir(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
     (tmp_path / "config.json").write_text(json.dumps({key: 1 for key in REQUIRED_KEYS} | {"opset": 20}))
     return tmp_path
+
+
+def test_an_export_is_named_by_its_directory():
+    assert onnx_row("teacher-int8") == "onnx-teacher-int8"
 
 
 def test_the_config_is_read_whole(export_dir):

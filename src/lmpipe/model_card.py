@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmpipe.evaluation.variants import onnx_row
 from lmpipe.formats import ONNX_FILE
-from lmpipe.inference.onnx_dir import read_onnx_config
+from lmpipe.inference.onnx_dir import onnx_row, read_onnx_config
 
 TASK_METRIC_PREFIX = "tasks."
 """Metrics `tasks.<task>.<name>` name the held-out instruction tasks the variant was evaluated on."""

@@ -26,9 +26,8 @@ from pydantic import AfterValidator, Field
 
 from lmpipe.config import flatten, schema
 from lmpipe.errors import LmpipeError
-from lmpipe.evaluation.variants import onnx_row
 from lmpipe.formats import ONNX_FILE
-from lmpipe.inference.onnx_dir import read_onnx_config
+from lmpipe.inference.onnx_dir import onnx_row, read_onnx_config
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

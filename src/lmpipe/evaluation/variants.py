@@ -11,11 +11,7 @@ from typing import Any
 
 from lmpipe.errors import LmpipeError
 from lmpipe.formats import HEADS_FILE, MODEL_FILE, ONNX_FILE, TOKENIZER_FILE
-
-
-def onnx_row(directory_name: str) -> str:
-    """Row name of an ONNX export directory in the evaluation tables (and in evaluate.json): onnx-<name>."""
-    return f"onnx-{directory_name}"
+from lmpipe.inference.onnx_dir import onnx_row
 
 
 @dataclass

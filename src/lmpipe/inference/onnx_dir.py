@@ -30,6 +30,11 @@ REQUIRED_KEYS = (
 """What every reader of config.json relies on (the export writes more: model, opset, quantization, ...)."""
 
 
+def onnx_row(directory_name: str) -> str:
+    """The name an export directory goes by in evaluate.json's tables (and so in the registry): onnx-<name>."""
+    return f"onnx-{directory_name}"
+
+
 def read_onnx_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of the export in `model_dir`, after checking the graph and every required key are there."""
     model_dir = Path(model_dir)
