@@ -7,12 +7,13 @@ import torch
 from lmpipe.errors import LmpipeError
 from lmpipe.tokenizer import load_tokenizer, read_shard, write_shards
 from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, TokenDataModule
+from lmpipe.training.streams import StreamSpec
 
 BLOCK, BATCH = 16, 4
 
 
 def windows(tokens_dir, seed=7, batches_per_epoch=5, rank=0) -> RandomWindows:
-    return RandomWindows(tokens_dir, "train", BLOCK, BATCH, seed, batches_per_epoch, rank=rank)
+    return RandomWindows(tokens_dir, "train", BLOCK, BATCH, StreamSpec(seed, batches_per_epoch, rank=rank))
 
 
 def test_random_batch_is_a_pure_function_of_seed_index_and_rank(tiny_tokens):

@@ -38,6 +38,7 @@ from lmpipe.training.distill import (
     distillation_loss,
 )
 from lmpipe.training.sft_data import RandomExampleBatches, encode_lm_examples
+from lmpipe.training.streams import StreamSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,7 +104,7 @@ def make_inputs(root: Path) -> SimpleNamespace:
         vocab_size=tok.get_vocab_size(), block_size=TEACHER_BLOCK, n_layer=2, n_head=2, n_embd=32
     )
     teacher = GPT(teacher_cfg)
-    windows = RandomWindows(tokens, "train", TEACHER_BLOCK, 8, seed=0, batches_per_epoch=1)
+    windows = RandomWindows(tokens, "train", TEACHER_BLOCK, 8, StreamSpec(seed=0, batches_per_epoch=1))
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     for step in range(30):  # just enough to make it a language model of the toy text
         loss = teacher(*windows.batch(step)).loss
@@ -263,9 +264,10 @@ def test_mixed_batches_are_a_pure_function_of_seed_index_and_rank(inputs):
     rows = example_rows(inputs, "train")
 
     def batches(seed=0, rank=0, start=0, n_lm=5, n_sft=3):
-        windows = RandomWindows(inputs.tokens, "train", 32, n_lm, seed, 4, rank=rank) if n_lm else None
-        examples = RandomExampleBatches(rows, n_sft, seed + 1, PAD_ID, 4, rank=rank) if n_sft else None
-        return MixedBatches(windows, examples, batches_per_epoch=4, start_batch=start, rank=rank)
+        spec = StreamSpec(seed, batches_per_epoch=4, start_batch=start, rank=rank)
+        windows = RandomWindows(inputs.tokens, "train", 32, n_lm, spec) if n_lm else None
+        examples = RandomExampleBatches(rows, n_sft, PAD_ID, spec._replace(seed=seed + 1)) if n_sft else None
+        return MixedBatches(windows, examples, spec)
 
     first = batches().batch(2)
     assert first["lm"]["input_ids"].shape == (5, 32) and len(first["sft"]["input_ids"]) == 3

@@ -25,6 +25,7 @@ from lmpipe.training.heads import HeadClassifier, prompt_features
 from lmpipe.training.lora import LoRALinear, merge_lora
 from lmpipe.training.sft import LitSFT, SFTDataModule, finetune
 from lmpipe.training.sft_data import RandomExampleBatches, collate, encode_head_examples, encode_lm_examples
+from lmpipe.training.streams import StreamSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,7 +156,7 @@ def module_for(inputs, method: str, **fields) -> LitSFT:
 def train_steps(module: LitSFT, rows, steps: int, batch_size: int = 8) -> None:
     """A plain optimisation loop over the module's own objective and optimizer."""
     optimizer = module.configure_optimizers()["optimizer"]
-    batches = RandomExampleBatches(rows, batch_size, seed=0, pad_id=PAD_ID, batches_per_epoch=1)
+    batches = RandomExampleBatches(rows, batch_size, PAD_ID, StreamSpec(seed=0, batches_per_epoch=1))
     module.train()
     for step in range(steps):
         loss = module.batch_loss(batches.batch(step))
@@ -171,13 +172,13 @@ def test_random_batches_are_a_pure_function_of_seed_index_and_rank(inputs):
     rows, _ = encode_lm_examples(split(inputs, "train"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK)
 
     def batches(seed=0, rank=0):
-        return RandomExampleBatches(rows, 4, seed, pad_id=PAD_ID, batches_per_epoch=3, rank=rank)
+        return RandomExampleBatches(rows, 4, PAD_ID, StreamSpec(seed, batches_per_epoch=3, rank=rank))
 
     first = batches().batch(2)
     assert all(torch.equal(first[k], batches().batch(2)[k]) for k in first)  # a fresh dataset, as on resume
     for other in (batches().batch(3), batches(rank=1).batch(2), batches(seed=1).batch(2)):
         assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
-    resumed = list(RandomExampleBatches(rows, 4, 0, pad_id=PAD_ID, batches_per_epoch=3, start_batch=2))
+    resumed = list(RandomExampleBatches(rows, 4, PAD_ID, StreamSpec(0, batches_per_epoch=3, start_batch=2)))
     assert len(resumed) == 1 and torch.equal(resumed[0]["labels"], first["labels"])
 
 

@@ -46,12 +46,20 @@ class TrainingModule(RngStateInCheckpoints, L.LightningModule):
     `schedule` gives the warm-up and final learning-rate ratio, `total_steps` the length of the cosine.
     """
 
-    frozen_in_eval = False
-    """True where a stage keeps frozen parts in eval mode on purpose (Lightning would warn about them)."""
-
     def __init__(self, optimizer: OptimizerConfig, schedule: Schedule, total_steps: int):
         super().__init__()
         self.optim_cfg, self.schedule, self.total_steps = optimizer, schedule, total_steps
+
+    def frozen_part(self) -> torch.nn.Module | None:
+        """A frozen part the stage keeps in eval mode (no dropout) whatever mode the module is in, if any."""
+        return None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        frozen = self.frozen_part()
+        if frozen is not None:
+            frozen.eval()
+        return self
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The optimizer's parameter groups, each with its weight_decay; the first holds the decayed weights."""
@@ -166,7 +174,7 @@ def fit(plan: FitPlan, cfg: DictConfig, run=None) -> Fitted | None:
     if resume and is_main_process():
         print(f"{plan.name}: resuming from {resume}", flush=True)
     module = plan.build_module()
-    if module.frozen_in_eval:
+    if module.frozen_part() is not None:  # in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
     history = LossHistory(int(cfg.trainer.log_every_n_steps))

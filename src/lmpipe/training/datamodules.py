@@ -22,33 +22,22 @@ from torch.utils.data import DataLoader, Dataset
 from lmpipe.errors import LmpipeError
 from lmpipe.formats import shard_file
 from lmpipe.tokenizer import read_meta, read_shard
-from lmpipe.training.streams import BatchStream
+from lmpipe.training.streams import BatchStream, StreamSpec
 
 
 class RandomWindows(BatchStream):
     """Micro-batches (x, y) of random windows of a token shard."""
 
-    def __init__(
-        self,
-        tokens_dir: Path,
-        split: str,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        batches_per_epoch: int,
-        start_batch: int = 0,
-        rank: int = 0,
-    ):
-        super().__init__(batches_per_epoch, start_batch, rank)
+    def __init__(self, tokens_dir: Path, split: str, block_size: int, batch_size: int, spec: StreamSpec):
+        super().__init__(spec)
         self.tokens_dir, self.split = Path(tokens_dir), split
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.block_size, self.batch_size = block_size, batch_size
         self._tokens: np.ndarray | None = None
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tokens is None:  # opened lazily: each DDP process maps the file itself
             self._tokens = read_shard(self.tokens_dir, self.split)
-        rng = np.random.default_rng([self.seed, index, self.rank])
-        starts = rng.integers(0, len(self._tokens) - self.block_size - 1, size=self.batch_size)
+        starts = self.rng(index).integers(0, len(self._tokens) - self.block_size - 1, size=self.batch_size)
         rows = np.stack([self._tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
@@ -97,6 +86,10 @@ class ResumableBatches:
     def rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
+    def stream_spec(self, seed: int, batches_per_epoch: int) -> StreamSpec:
+        """This process's training stream of `seed`, starting where the restored checkpoint left off."""
+        return StreamSpec(seed, batches_per_epoch, self._start_batch, self.rank)
+
     def loader(self, dataset, **kwargs) -> DataLoader:
         """A loader of `dataset` (whole batches unless `kwargs` say otherwise) with its own generator."""
         return DataLoader(dataset, **({"batch_size": None} | kwargs), generator=self._own_generator())
@@ -133,17 +126,8 @@ class TokenDataModule(ResumableBatches, L.LightningDataModule):
         return max(1, math.ceil(n_train / (self.batch_size * self.block_size * self.world_size)))
 
     def train_dataloader(self) -> DataLoader:
-        dataset = RandomWindows(
-            self.tokens_dir,
-            "train",
-            self.block_size,
-            self.batch_size,
-            self.seed,
-            self.batches_per_epoch(),
-            start_batch=self._start_batch,
-            rank=self.rank,
-        )
-        return self.loader(dataset)
+        spec = self.stream_spec(self.seed, self.batches_per_epoch())
+        return self.loader(RandomWindows(self.tokens_dir, "train", self.block_size, self.batch_size, spec))
 
     def val_dataloader(self) -> DataLoader:
         dataset = ContiguousWindows(read_shard(self.tokens_dir, "val"), self.block_size)

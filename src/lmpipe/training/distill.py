@@ -65,7 +65,7 @@ from lmpipe.training.configs import DistillConfig, OptimizerConfig
 from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
 from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, ResumableBatches, check_shards
 from lmpipe.training.sft_data import RandomExampleBatches, Row, collate, encode_lm_examples, rows_sha256
-from lmpipe.training.streams import BatchStream
+from lmpipe.training.streams import BatchStream, StreamSpec
 
 # --- The loss -----------------------------------------------------------------------------------------------
 
@@ -115,14 +115,9 @@ class MixedBatches(BatchStream):
     rows is left out. Each part's stream draws batch `index` for this rank."""
 
     def __init__(
-        self,
-        windows: RandomWindows | None,
-        examples: RandomExampleBatches | None,
-        batches_per_epoch: int,
-        start_batch: int = 0,
-        rank: int = 0,
+        self, windows: RandomWindows | None, examples: RandomExampleBatches | None, spec: StreamSpec
     ):
-        super().__init__(batches_per_epoch, start_batch, rank)
+        super().__init__(spec)
         self.windows, self.examples = windows, examples
 
     def batch(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -204,19 +199,14 @@ class DistillDataModule(ResumableBatches, L.LightningDataModule):
         return max(1, *epochs)
 
     def train_dataloader(self) -> DataLoader:
-        rank, per_epoch = self.rank, self.batches_per_epoch()
+        spec = self.stream_spec(self.seed, self.batches_per_epoch())
         windows = examples = None
         if self.n_lm:
-            windows = RandomWindows(
-                self.tokens_dir, "train", self.block_size, self.n_lm, self.seed, per_epoch, rank=rank
-            )
+            windows = RandomWindows(self.tokens_dir, "train", self.block_size, self.n_lm, spec)
         if self.n_sft:
-            examples = RandomExampleBatches(
-                self.train_rows, self.n_sft, self.sft_seed, self.pad_id, per_epoch, rank=rank
-            )
-        return self.loader(
-            MixedBatches(windows, examples, per_epoch, start_batch=self._start_batch, rank=rank)
-        )
+            sft_spec = spec._replace(seed=self.sft_seed)
+            examples = RandomExampleBatches(self.train_rows, self.n_sft, self.pad_id, sft_spec)
+        return self.loader(MixedBatches(windows, examples, spec))
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self._validation(), shuffle=False)
@@ -241,15 +231,8 @@ class LitDistill(TrainingModule):
         self.part_weights = {"lm": n_lm / distill.batch_size, "sft": n_sft / distill.batch_size}
         self.train()
 
-    @property
-    def frozen_in_eval(self) -> bool:
-        return self.teacher is not None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # no dropout in the targets
-        return self
+    def frozen_part(self) -> GPT | None:
+        return self.teacher  # no dropout in the targets
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return self.student.param_groups(weight_decay)

@@ -72,16 +72,8 @@ class SFTDataModule(ResumableBatches, L.LightningDataModule):
         return max(1, math.ceil(len(self.train_rows) / (self.batch_size * self.world_size)))
 
     def train_dataloader(self) -> DataLoader:
-        dataset = RandomExampleBatches(
-            self.train_rows,
-            self.batch_size,
-            self.seed,
-            self.pad_id,
-            self.batches_per_epoch(),
-            start_batch=self._start_batch,
-            rank=self.rank,
-        )
-        return self.loader(dataset)
+        spec = self.stream_spec(self.seed, self.batches_per_epoch())
+        return self.loader(RandomExampleBatches(self.train_rows, self.batch_size, self.pad_id, spec))
 
     def val_dataloader(self) -> DataLoader:
         collate_rows = partial(collate, pad_id=self.pad_id)
@@ -116,15 +108,8 @@ class LitSFT(TrainingModule):
         # (then restores that mode after each validation): without this, dropout would stay off.
         self.train()
 
-    @property
-    def frozen_in_eval(self) -> bool:
-        return self.heads is not None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.heads is not None:
-            self.model.eval()  # the frozen features stay deterministic: no dropout
-        return self
+    def frozen_part(self) -> GPT | None:
+        return self.model if self.heads is not None else None  # deterministic features: no dropout
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the model, its adapters and heads (a tied matrix once)."""

@@ -27,7 +27,7 @@ import torch
 
 from lmpipe.errors import LmpipeError
 from lmpipe.formats import IGNORE_INDEX
-from lmpipe.training.streams import BatchStream
+from lmpipe.training.streams import BatchStream, StreamSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,22 +114,12 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
 class RandomExampleBatches(BatchStream):
     """Whole padded batches of random examples."""
 
-    def __init__(
-        self,
-        rows: list[Row],
-        batch_size: int,
-        seed: int,
-        pad_id: int,
-        batches_per_epoch: int,
-        start_batch: int = 0,
-        rank: int = 0,
-    ):
-        super().__init__(batches_per_epoch, start_batch, rank)
-        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+    def __init__(self, rows: list[Row], batch_size: int, pad_id: int, spec: StreamSpec):
+        super().__init__(spec)
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index, self.rank])
-        picks = rng.integers(0, len(self.rows), size=self.batch_size)
+        picks = self.rng(index).integers(0, len(self.rows), size=self.batch_size)
         return collate([self.rows[i] for i in picks], self.pad_id)
 
 
