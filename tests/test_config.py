@@ -198,8 +198,12 @@ def test_build_passes_schema_errors_through_and_wraps_others():
     assert str(err.value) == "model.pos_encoding='foo': expected 'learned', 'sinusoidal' or 'rotary'"
 
     bad = OmegaConf.create({"_target_": "lmpipe.model.GPTConfig", "no_such_field": 1})
-    with pytest.raises(LmpipeError, match=r"cannot build lmpipe\.model\.GPTConfig: .*no_such_field"):
+    with pytest.raises(LmpipeError, match=r"^model\.no_such_field: unknown field$"):
         config.build(bad)
+    # A target that is not an lmpipe schema fails with its own error, wrapped into one line naming it.
+    other = OmegaConf.create({"_target_": "fractions.Fraction", "no_such_field": 1})
+    with pytest.raises(LmpipeError, match=r"^cannot build fractions\.Fraction: .*no_such_field"):
+        config.build(other)
 
 
 def test_build_applies_keyword_arguments_and_converts_lists():
