@@ -168,20 +168,6 @@ def train_steps(module: LitSFT, rows, steps: int, batch_size: int = 8) -> None:
 # --- Config and data ---------------------------------------------------------------------------------------
 
 
-def test_random_batches_are_a_pure_function_of_seed_index_and_rank(inputs):
-    rows, _ = encode_lm_examples(split(inputs, "train"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK)
-
-    def batches(seed=0, rank=0):
-        return RandomExampleBatches(rows, 4, PAD_ID, StreamSpec(seed, batches_per_epoch=3, rank=rank))
-
-    first = batches().batch(2)
-    assert all(torch.equal(first[k], batches().batch(2)[k]) for k in first)  # a fresh dataset, as on resume
-    for other in (batches().batch(3), batches(rank=1).batch(2), batches(seed=1).batch(2)):
-        assert not torch.equal(first["input_ids"][:, :8], other["input_ids"][:, :8])
-    resumed = list(RandomExampleBatches(rows, 4, PAD_ID, StreamSpec(0, batches_per_epoch=3, start_batch=2)))
-    assert len(resumed) == 1 and torch.equal(resumed[0]["labels"], first["labels"])
-
-
 def test_validation_batches_are_fixed_and_mix_the_tasks(inputs):
     rows, _ = encode_head_examples(split(inputs, "val"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK, LABEL_SETS)
     rows.sort(key=lambda row: row["task"])  # task by task, as the instructions stage writes them
@@ -225,18 +211,6 @@ def test_the_loss_counts_response_tokens_only(inputs):
     last = len(rows[0]["labels"]) - 1  # row 0's final target, <|end|>
     changed[0, last] = (changed[0, last] + 1) % tok.get_vocab_size()
     assert abs(model(batch["input_ids"], changed).loss.item() - loss.item()) > 1e-3
-
-
-def test_right_padding_does_not_change_the_logits_of_real_tokens(inputs):
-    rows, _ = encode_lm_examples(split(inputs, "val"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK)
-    short, long = sorted(rows, key=lambda r: len(r["input_ids"]))[:: len(rows) - 1]
-    n = len(short["input_ids"])
-    model = pretrained(inputs)
-    alone = model(torch.from_numpy(short["input_ids"])[None]).logits[0]
-    for pad_id in (PAD_ID, 9):
-        batch = collate([short, long], pad_id)
-        assert batch["input_ids"].shape[1] > n and (batch["labels"][0, n:] == -100).all()
-        torch.testing.assert_close(model(batch["input_ids"]).logits[0, :n], alone, rtol=0, atol=1e-6)
 
 
 # --- LoRA and heads ----------------------------------------------------------------------------------------
