@@ -108,8 +108,9 @@ def section_targets(sections: tuple[str, ...]) -> set[str]:
 
 
 def closure(script: Path, sections: tuple[str, ...]) -> set[str]:
-    """Every lmpipe module a stage script runs: its imports and theirs, its sections' `_target_` modules,
-    and the packages they live in (importing `a.b.c` runs `a/__init__.py` and `a/b/__init__.py`)."""
+    """Every lmpipe module a stage script runs: its imports and theirs (not those of the exempt plumbing), its
+    sections' `_target_` modules, and the packages they live in (importing `a.b.c` runs `a/__init__.py` and
+    `a/b/__init__.py`)."""
     todo = direct_imports(script, None) | section_targets(sections)
     seen: set[str] = set()
     while todo:
@@ -119,7 +120,10 @@ def closure(script: Path, sections: tuple[str, ...]) -> set[str]:
         seen.add(name)
         parts = name.split(".")
         todo.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        todo.update(direct_imports(module_file(name), name) - seen)
+        path = module_file(name)
+        # What exempt plumbing imports for its own use cannot change an output either: not followed.
+        if str(path.relative_to(ROOT)) not in EXEMPT:
+            todo.update(direct_imports(path, name) - seen)
     return seen
 
 

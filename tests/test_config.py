@@ -155,7 +155,7 @@ def test_added_unknown_key_is_caught_by_check_with_a_hint():
     with pytest.raises(LmpipeError) as err:
         config.check(cfg, ["model"], where="overrides")
     message = str(err.value)
-    assert message.startswith("overrides: unknown key 'model.n_layr' for lmpipe.model.GPTConfig")
+    assert message.startswith("overrides: unknown key 'model.n_layr' for lmpipe.model_config.GPTConfig")
     assert "did you mean: n_embd, n_head, n_layer?" in message
     assert "\n" not in message
 
@@ -197,7 +197,7 @@ def test_build_passes_schema_errors_through_and_wraps_others():
         config.build(cfg.model)
     assert str(err.value) == "model.pos_encoding='foo': expected 'learned', 'sinusoidal' or 'rotary'"
 
-    bad = OmegaConf.create({"_target_": "lmpipe.model.GPTConfig", "no_such_field": 1})
+    bad = OmegaConf.create({"_target_": "lmpipe.model_config.GPTConfig", "no_such_field": 1})
     with pytest.raises(LmpipeError, match=r"^model\.no_such_field: unknown field$"):
         config.build(bad)
     # A target that is not an lmpipe schema fails with its own error, wrapped into one line naming it.
@@ -256,7 +256,7 @@ def test_describe_shows_values_and_field_docstrings():
     text = config.describe(cfg, ["seed", "model"])
     lines = text.splitlines()
     assert lines[0] == "seed: 1337"
-    assert lines[1] == "model:  (lmpipe.model.GPTConfig)"
+    assert lines[1] == "model:  (lmpipe.model_config.GPTConfig)"
     assert "  model.n_layer=6  # Number of transformer blocks." in lines
     assert "  model.pos_encoding='rotary'  # Position encoding: learned, sinusoidal or rotary." in lines
     # Fields the section leaves to the schema's default are listed too, with their doc.

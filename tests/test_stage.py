@@ -128,7 +128,7 @@ def test_unknown_key_in_params_yaml_returns_2_naming_file_and_key(repo, capsys):
     body = Recorder()
     assert run_stage("pretrain", SECTIONS, body, argv=[]) == 2
     assert stderr_lines(capsys) == [
-        "pretrain: error: params.yaml: unknown key 'model.n_layr' for lmpipe.model.GPTConfig"
+        "pretrain: error: params.yaml: unknown key 'model.n_layr' for lmpipe.model_config.GPTConfig"
         " (did you mean: n_embd, n_head, n_layer?)"
     ]
     assert body.calls == []

@@ -41,7 +41,7 @@ def make_cfg(store):
     return OmegaConf.create(
         {
             "seed": 7,
-            "model": {"_target_": "lmpipe.model.GPTConfig", "n_layer": 2, "betas": [0.9, 0.95]},
+            "model": {"_target_": "lmpipe.model_config.GPTConfig", "n_layer": 2, "betas": [0.9, 0.95]},
             "logger": {
                 "_target_": "lmpipe.tracking.TrackingConfig",
                 "tracking_uri": f"sqlite:///{store}/mlruns.db",

@@ -60,6 +60,12 @@ MC_FILE = "mc_test.jsonl"
 """Multiple-choice benchmark questions in the MMLU format."""
 
 
+# --- Tracking ----------------------------------------------------------------------------------------------------
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+"""The MLflow store every stage, the registry and `lmpipe generate/serve` use unless MLFLOW_TRACKING_URI or
+logger.tracking_uri says otherwise (relative to the repository root)."""
+
+
 def split_file(split: str) -> str:
     """`<split>.jsonl`: the instruction examples of one split."""
     return f"{split}.jsonl"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from lmpipe import config
+from lmpipe.formats import DEFAULT_TRACKING_URI
 
 if not sys.stderr.isatty():  # MLflow's per-file download bars would flood CI and DVC logs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -41,7 +42,7 @@ TAG_KIND = "lmpipe.kind"
 
 @config.schema("logger")
 class TrackingConfig:
-    tracking_uri: str = "sqlite:///mlruns.db"
+    tracking_uri: str = DEFAULT_TRACKING_URI
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable takes precedence."""
     experiment_name: str = "lmpipe"
     """MLflow experiment that holds every run of this project."""

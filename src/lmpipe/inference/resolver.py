@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from lmpipe.atomic import atomic_path
 from lmpipe.config import one_line
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import DEFAULT_TRACKING_URI
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -34,8 +35,9 @@ def resolve_model(
     """The ONNX export directory that `ref` names.
 
     `ref` is a local directory (returned as is), or a registry URI whose version is downloaded once into
-    `cache_dir` (default `default_cache_dir()`), then reused. `tracking_uri` defaults to MLflow's current one
-    (MLFLOW_TRACKING_URI). Any problem is a one-line LmpipeError naming `ref`.
+    `cache_dir` (default `default_cache_dir()`), then reused. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else
+    the pipeline's own store (the one `make train` registered into, not MLflow's default `mlflow.db`). Any
+    problem is a one-line LmpipeError naming `ref`.
     """
     text = os.fspath(ref)
     if not text.startswith(REGISTRY_SCHEME):
@@ -51,6 +53,7 @@ def resolve_model(
 
     from lmpipe.inference.pyfunc import MODEL_DIR_ARTIFACT  # also keeps MLflow's download bars out of logs
 
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     version = _registry_version(text, tracking_uri)
     # Keyed by the version's model id too: two stores (say a test store and the real one) both have v1.
     unique = hashlib.sha256(f"{version.model_id}|{version.source}|{version.creation_timestamp}".encode())
