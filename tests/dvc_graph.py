@@ -108,9 +108,9 @@ def section_targets(sections: tuple[str, ...]) -> set[str]:
 
 
 def closure(script: Path, sections: tuple[str, ...]) -> set[str]:
-    """Every lmpipe module a stage script runs: its imports and theirs (not those of the exempt plumbing), its
-    sections' `_target_` modules, and the packages they live in (importing `a.b.c` runs `a/__init__.py` and
-    `a/b/__init__.py`)."""
+    """Every lmpipe module a stage script runs: its imports and theirs (the exempt plumbing's too: what it
+    imports is shared code a stage runs), its sections' `_target_` modules, and the packages they live in
+    (importing `a.b.c` runs `a/__init__.py` and `a/b/__init__.py`)."""
     todo = direct_imports(script, None) | section_targets(sections)
     seen: set[str] = set()
     while todo:
@@ -120,10 +120,7 @@ def closure(script: Path, sections: tuple[str, ...]) -> set[str]:
         seen.add(name)
         parts = name.split(".")
         todo.update(".".join(parts[:i]) for i in range(1, len(parts)))
-        path = module_file(name)
-        # What exempt plumbing imports for its own use cannot change an output either: not followed.
-        if str(path.relative_to(ROOT)) not in EXEMPT:
-            todo.update(direct_imports(path, name) - seen)
+        todo.update(direct_imports(module_file(name), name) - seen)
     return seen
 
 
