@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from lmpipe import atomic, tracking
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "optimizer", "trainer", "logger", "distill")
+SECTIONS = ("seed", "paths", "optimizer", "trainer", "perf", "logger", "distill")
 OUTPUTS = {True: "student", False: "student-nodistill"}
 
 

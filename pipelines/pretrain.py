@@ -10,7 +10,7 @@ from pathlib import Path
 from lmpipe import atomic, tracking
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "logger", "pretrain")
+SECTIONS = ("seed", "paths", "model", "optimizer", "trainer", "perf", "logger", "pretrain")
 
 
 def main(cfg):

@@ -12,7 +12,7 @@ from pathlib import Path
 from lmpipe import atomic, tracking
 from lmpipe.stage import run_stage
 
-SECTIONS = ("seed", "paths", "optimizer", "trainer", "logger", "sft")
+SECTIONS = ("seed", "paths", "optimizer", "trainer", "perf", "logger", "sft")
 
 
 def main(cfg):

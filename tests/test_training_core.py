@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lmpipe.model import GPT, GPTConfig
-from lmpipe.training.configs import OptimizerConfig, Schedule
+from lmpipe.training.configs import OptimizerConfig, PerfConfig, Schedule
 from lmpipe.training.optim import l1_penalty, warmup_cosine
 from lmpipe.training.pretrain import LitGPT
 
@@ -19,22 +19,28 @@ def fixed_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data[:, :-1], data[:, 1:]
 
 
-def fit_lit(l1: float, warmup_steps: int = 0, min_lr_ratio: float = 1.0) -> tuple[LitGPT, L.Trainer]:
-    """30 steps of a TrainingModule (the pretraining one) on fixed data, with the base's optimization."""
+def fit_lit(
+    l1: float, warmup_steps: int = 0, min_lr_ratio: float = 1.0, steps: int = 30, perf=None, **trainer
+) -> tuple[LitGPT, L.Trainer]:
+    """`steps` steps of a TrainingModule (the pretraining one) on fixed data, with the base's optimization run
+    as `perf` says, through a Trainer with `trainer`'s arguments."""
     torch.manual_seed(0)
     optimizer = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.0, l1=l1)
-    module = LitGPT(TINY, optimizer, Schedule(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio), 30)
+    module = LitGPT(TINY, optimizer, Schedule(warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio), steps)
+    module.perf = perf or PerfConfig()
     x, y = fixed_batch(batch=32)
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=30,
+        max_steps=steps,
+        log_every_n_steps=10,  # the last of 30 steps is a logging step
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **trainer,
     )
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
-    assert trainer.global_step == 30
+    assert trainer.global_step == steps
     return module, trainer
 
 
@@ -57,3 +63,28 @@ def test_the_base_module_logs_the_loss_and_follows_the_schedule():
     # The last step (29) logs the lr of the warm-up + cosine schedule that ends at min_lr_ratio * lr at step 30.
     assert logged["lr"].item() == pytest.approx(3e-3 * warmup_cosine(29, 10, 30, 0.1))
     assert warmup_cosine(30, 10, 30, 0.1) == pytest.approx(0.1)
+
+
+def weights(module: LitGPT) -> list[torch.Tensor]:
+    return [p.detach() for p in module.model.parameters()]
+
+
+def test_bf16_training_clips_gradients_with_the_fused_optimizer_too():
+    # Lightning's bf16 plugin alone would refuse: it guards fp16's loss scaler against fused optimizers.
+    bf16 = {"precision": "bf16-mixed", "steps": 5}
+    fused, _ = fit_lit(0.0, perf=PerfConfig(optimizer_kernel="fused"), gradient_clip_val=0.05, **bf16)
+    loop, _ = fit_lit(0.0, gradient_clip_val=0.05, **bf16)
+    unclipped, _ = fit_lit(0.0, **bf16)
+    for a, b in zip(weights(fused), weights(loop), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(weights(loop), weights(unclipped), strict=True))
+
+
+@pytest.mark.slow
+def test_a_compiled_training_loss_trains_as_the_eager_one():
+    compiled, trainer = fit_lit(0.0, steps=10, perf=PerfConfig(compile=True))
+    eager, eager_trainer = fit_lit(0.0, steps=10)
+    loss, eager_loss = trainer.callback_metrics["train_loss"], eager_trainer.callback_metrics["train_loss"]
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for a, b in zip(weights(compiled), weights(eager), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

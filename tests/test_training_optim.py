@@ -111,3 +111,23 @@ def test_warmup_cosine_at_its_key_points():
     assert warmup_cosine(0, 0, 100, 0.0) == pytest.approx(1.0)  # no warm-up: start at the peak
     assert warmup_cosine(100, 0, 100, 0.0) == pytest.approx(0.0)
     assert warmup_cosine(25, 0, 100, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_every_kernel_takes_the_loops_steps_up_to_rounding(name, kernel):
+    """perf.optimizer_kernel changes how the update is computed, not what it is."""
+
+    def steps(kernel: str) -> list[torch.Tensor]:
+        model = tiny_model()
+        cfg = OptimizerConfig(name=name, lr=1e-2, momentum=0.9 if name == "momentum" else 0.0)
+        optimizer = build_optimizer(model.param_groups(0.1), cfg, kernel)
+        assert optimizer.defaults.get(kernel, False) is (kernel != "loop")
+        for seed in range(3):
+            model(*fixed_batch(seed)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach() for p in model.parameters()]
+
+    for loop, other in zip(steps("loop"), steps(kernel), strict=True):
+        torch.testing.assert_close(other, loop, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from lmpipe import config
 from lmpipe.tokenizer import read_meta
 from lmpipe.training import core
 from lmpipe.training import pretrain as pretrain_module
@@ -98,6 +99,35 @@ def test_a_short_run_reports_steps_tokens_curves_and_samples(tiny_config, tmp_pa
     assert len(logged) == 10 and logged[-1].value == pytest.approx(train[-1])
 
 
+def test_logging_only_on_logging_steps_keeps_every_curve_and_metric(tiny_config, tmp_path):
+    def run(sparse: bool):
+        root = tmp_path / str(sparse)
+        cfg = tiny_config(
+            "trainer.max_steps=12",
+            "trainer.log_every_n_steps=4",
+            "trainer.val_check_interval=6",
+            f"perf.sparse_logging={sparse}",
+            root=root,
+        )
+        result = pretrain(cfg, run=None)
+        client = MlflowClient(cfg.logger.tracking_uri)
+        experiment = client.get_experiment_by_name("lmpipe").experiment_id
+        (logged,) = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)
+        history = {
+            key: [(m.step, m.value) for m in client.get_metric_history(logged.info.run_id, key)]
+            for key in ("train_loss", "lr", "val_loss")
+        }
+        return result, history
+
+    (dense, dense_logged), (sparse, sparse_logged) = run(False), run(True)
+    assert sparse.curves == dense.curves and [s for s, _ in sparse.curves["train_loss"]] == [4, 8, 12]
+    assert sparse_logged == dense_logged and len(sparse_logged["train_loss"]) == 3
+    timing = ("train_seconds", "tokens_per_sec")
+    assert {k: v for k, v in sparse.metrics.items() if k not in timing} == {
+        k: v for k, v in dense.metrics.items() if k not in timing
+    }
+
+
 RESUMABLE = (
     "trainer.max_steps=20",
     "trainer.val_check_interval=5",
@@ -162,7 +192,7 @@ def fingerprint(cfg, meta: dict | None = None) -> str:
         if meta is not None:
             patch.setattr(pretrain_module, "read_meta", lambda _: meta)
         assert pretrain(cfg) is None
-    return plans[0].fingerprint(cfg.seed)
+    return plans[0].fingerprint(cfg.seed, config.build(cfg.perf))
 
 
 def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, tiny_tokens, tmp_path):
@@ -179,6 +209,10 @@ def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, t
         "trainer.accumulate_grad_batches=2",
         "pretrain.batch_size=4",
         "pretrain.warmup_steps=2",
+        "perf.optimizer_kernel=fused",
+        "perf.compile=true",
+        "perf.attention=math",
+        "perf.threads=1",
     ):
         assert fingerprint(tiny_config(override)) != base, override
     for override in (
@@ -187,6 +221,7 @@ def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, t
         "pretrain.sample_tokens=5",
         "pretrain.sample_prompts=[abc]",
         "logger.experiment_name=other",
+        "perf.sparse_logging=false",
     ):
         assert fingerprint(tiny_config(override)) == base, override
     assert fingerprint(tiny_config(root=tmp_path / "elsewhere")) == base  # paths do not count

@@ -5,7 +5,8 @@ Nothing here imports torch or Lightning, so `python pipelines/<stage>.py --help`
 A stage's section inherits the schedule (warm-up, final learning-rate ratio, checkpoint cadence) and the sample
 fields; a fine-tuning stage (one that starts from its own step budget rather than `trainer.*`) inherits
 `FinetuneSchedule`, whose learning rate, weight decay, steps and validation cadence replace the `optimizer`
-and `trainer` ones. The keys users type stay flat: `sft.lr`, `distill.alpha`, `pretrain.warmup_steps`.
+and `trainer` ones. The keys users type stay flat: `sft.lr`, `distill.alpha`, `pretrain.warmup_steps`. The `perf` section says how
+fast the training core runs a step (`PerfConfig`); every stage reads it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,32 @@ class OptimizerConfig:
             raise LmpipeError(
                 f"optimizer.momentum={self.momentum}: expected a value in (0, 1) for name=momentum"
             )
+
+
+OptimizerKernel = Literal["loop", "foreach", "fused"]
+
+
+@config.schema("perf")
+class PerfConfig:
+    """How the training core runs a step (every stage): switches that make steps faster (bench/README.md)."""
+
+    optimizer_kernel: OptimizerKernel = "loop"
+    """Optimizer update: loop (torch's CPU default, ops per tensor), foreach (ops over tensor lists) or fused."""
+    sparse_logging: bool = True
+    """Log train metrics only on the steps that write logs (trainer.log_every_n_steps): same curves, less work."""
+    attention: Literal["auto", "math"] = "auto"
+    """Attention kernel in training steps: auto (torch's: flash on a CPU, whose backward is slow) or math."""
+    compile: bool = False
+    """torch.compile the training loss (its forward and backward); rounds differently, compiles at step 1."""
+    threads: NonNegative = 0
+    """torch intra-op threads while training (0 keeps torch's default: one per core)."""
+
+    numerics_neutral: ClassVar[tuple[str, ...]] = ("sparse_logging",)
+    """Fields left out of the run's fingerprint: they never change what training computes."""
+
+    def shaping(self) -> dict:
+        """The fields that can change the computed numbers (for the fingerprint)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.numerics_neutral}
 
 
 @dataclass

@@ -9,11 +9,14 @@ A stage (pretraining, fine-tuning, distillation, ...) supplies only
 
 The base module owns the optimizer (`build_optimizer`), the warm-up + cosine schedule, the L1 penalty on the
 decayed weights and the logging; `fit` owns seeding, the fingerprint and resume, the Trainer with its
-callbacks and checkpoints, and the metrics every stage reports.
+callbacks and checkpoints, and the metrics every stage reports. Both follow the run's `perf` section
+(`PerfConfig`: optimizer kernel, logging only on logging steps, attention kernel, torch.compile, threads), so every stage gains.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +24,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from omegaconf import DictConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmpipe import config
 from lmpipe.model import GPT
 from lmpipe.training.callbacks import LossHistory, progress_callbacks
 from lmpipe.training.checkpointing import (
@@ -33,7 +40,7 @@ from lmpipe.training.checkpointing import (
     quiet_lightning,
     resume_checkpoint,
 )
-from lmpipe.training.configs import OptimizerConfig, Schedule
+from lmpipe.training.configs import OptimizerConfig, PerfConfig, Schedule
 from lmpipe.training.fit_diagnosis import diagnose_fit
 from lmpipe.training.optim import build_optimizer, l1_penalty, warmup_cosine
 
@@ -43,8 +50,11 @@ Curve = list[tuple[int, float]]
 class TrainingModule(RngStateInCheckpoints, L.LightningModule):
     """Optimization and logging for a stage's model; the RNG state rides in checkpoints so resume is exact.
 
-    `schedule` gives the warm-up and final learning-rate ratio, `total_steps` the length of the cosine.
+    `schedule` gives the warm-up and final learning-rate ratio, `total_steps` the length of the cosine; `perf`
+    (set by `fit` before training) how the steps run.
     """
+
+    perf: PerfConfig = PerfConfig()
 
     def __init__(self, optimizer: OptimizerConfig, schedule: Schedule, total_steps: int):
         super().__init__()
@@ -73,15 +83,31 @@ class TrainingModule(RngStateInCheckpoints, L.LightningModule):
         """{metric: (value, rows it averages over)}: at least val_loss."""
         raise NotImplementedError
 
+    def on_fit_start(self):
+        # The loss rather than the model is compiled: validation and sampling stay eager, so their other
+        # shapes never recompile, and the weights keep their state_dict names.
+        self._step_loss = torch.compile(self.training_loss) if self.perf.compile else self.training_loss
+        self._attention = (
+            functools.partial(sdpa_kernel, SDPBackend.MATH)
+            if self.perf.attention == "math"
+            else contextlib.nullcontext
+        )
+
     def training_step(self, batch, batch_idx):
-        objective, logged = self.training_loss(batch)
-        for name, value in logged.items():
+        with self._attention():
+            objective, logged = self._step_loss(batch)
+        # Lightning writes a step's logged values to the logger, the loss history and the progress lines only
+        # on the steps its connector names; logging on the others is work whose result nobody reads.
+        log = not self.perf.sparse_logging or self.trainer._logger_connector.should_update_logs
+        for name, value in logged.items() if log else ():
             self.log(name, value, prog_bar=name == "train_loss")
         if self.optim_cfg.l1 > 0:
             penalty = self.optim_cfg.l1 * l1_penalty(self._decayed)
-            self.log("l1_penalty", penalty)
+            if log:
+                self.log("l1_penalty", penalty)
             objective = objective + penalty
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        if log:
+            self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return objective
 
     def validation_step(self, batch, batch_idx):
@@ -92,12 +118,23 @@ class TrainingModule(RngStateInCheckpoints, L.LightningModule):
         groups = self.param_groups(self.optim_cfg.weight_decay)
         # L1 acts on the weights that decay (listed first) even when weight_decay is 0.
         self._decayed = groups[0]["params"]
-        optimizer = build_optimizer(groups, self.optim_cfg)
+        optimizer = build_optimizer(groups, self.optim_cfg, self.perf.optimizer_kernel)
         s, total = self.schedule, self.total_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, s.warmup_steps, total, s.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        plugin = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if gradient_clip_val and fused and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            # The mixed-precision plugin refuses to clip for a fused optimizer, to guard fp16's loss scaler
+            # (a fused step unscales by itself); bf16 has no scaler, so the plain clipping is exact.
+            algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM  # Lightning's default
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 @dataclass
@@ -117,8 +154,8 @@ class FitPlan:
     callbacks: list[L.Callback] = field(default_factory=list)
     """The stage's own callbacks, beside the loss history, progress and checkpoints."""
 
-    def fingerprint(self, seed: int) -> str:
-        return fingerprint(seed, self.trainer, **self.shaping)
+    def fingerprint(self, seed: int, perf: PerfConfig) -> str:
+        return fingerprint(seed, self.trainer, perf=perf.shaping(), **self.shaping)
 
 
 @dataclass
@@ -168,12 +205,14 @@ def fit(plan: FitPlan, cfg: DictConfig, run=None) -> Fitted | None:
     from lmpipe.tracking import is_main_process, lightning_logger
 
     quiet_lightning()
+    perf: PerfConfig = config.build(cfg.perf)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = Path(cfg.paths.checkpoints) / plan.name
-    resume = resume_checkpoint(ckpt_dir, plan.fingerprint(cfg.seed), may_reset=is_main_process())
+    resume = resume_checkpoint(ckpt_dir, plan.fingerprint(cfg.seed, perf), may_reset=is_main_process())
     if resume and is_main_process():
         print(f"{plan.name}: resuming from {resume}", flush=True)
     module = plan.build_module()
+    module.perf = perf
     if module.frozen_part() is not None:  # in eval mode on purpose
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -187,7 +226,12 @@ def fit(plan: FitPlan, cfg: DictConfig, run=None) -> Fitted | None:
         checkpoint_every_n_steps=plan.checkpoint_every_n_steps,
         logger=lightning_logger(run, cfg),
     )
-    seconds = fit_resumable(trainer, module, plan.datamodule, resume, ckpt_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(perf.threads or threads)
+    try:
+        seconds = fit_resumable(trainer, module, plan.datamodule, resume, ckpt_dir)
+    finally:
+        torch.set_num_threads(threads)
     if not trainer.is_global_zero:
         return None
     return Fitted(module, trainer, history, resume is not None, seconds)

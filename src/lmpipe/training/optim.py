@@ -12,20 +12,24 @@ import math
 
 import torch
 
-from lmpipe.training.configs import OptimizerConfig
+from lmpipe.training.configs import OptimizerConfig, OptimizerKernel
 
 
-def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer over parameter groups that already carry their own weight_decay."""
+def build_optimizer(
+    groups: list[dict], cfg: OptimizerConfig, kernel: OptimizerKernel = "loop"
+) -> torch.optim.Optimizer:
+    """The optimizer over parameter groups that already carry their own weight_decay, updating with `kernel`
+    (`PerfConfig.optimizer_kernel`; "loop" is what torch picks on a CPU by itself)."""
+    impl = {} if kernel == "loop" else {kernel: True}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)
     if cfg.name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps)
+        return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps, **impl)
     if cfg.name == "momentum":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.SGD(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, **impl)
+    return torch.optim.SGD(groups, lr=cfg.lr, **impl)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

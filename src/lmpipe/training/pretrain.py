@@ -9,6 +9,7 @@ never leak into a different experiment (`lmpipe.training.core.fit`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import DictConfig
 
@@ -44,11 +45,17 @@ class LitGPT(TrainingModule):
         return {"val_loss": (self.model(x, y).loss, len(x))}
 
 
-def pretrain(cfg: DictConfig, run=None) -> TrainResult | None:
-    """Train (resuming if possible); on the main process return the model, metrics, loss curves and samples.
+class PretrainPlan(NamedTuple):
+    """The pretraining run `fit` trains, and what its results are read with."""
 
-    Returns None in DDP worker processes, which must not write outputs.
-    """
+    fit: FitPlan
+    model: GPTConfig
+    pretrain: PretrainConfig
+    throughput: TokenThroughput
+
+
+def pretrain_plan(cfg: DictConfig) -> PretrainPlan:
+    """The pretraining run of `cfg`: model, data, trainer and callbacks (also what bench/ measures)."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     pcfg: PretrainConfig = config.build(cfg.pretrain)
@@ -80,13 +87,22 @@ def pretrain(cfg: DictConfig, run=None) -> TrainResult | None:
         },
         callbacks=callbacks,
     )
+    return PretrainPlan(plan, model_cfg, pcfg, throughput)
+
+
+def pretrain(cfg: DictConfig, run=None) -> TrainResult | None:
+    """Train (resuming if possible); on the main process return the model, metrics, loss curves and samples.
+
+    Returns None in DDP worker processes, which must not write outputs.
+    """
+    plan, model_cfg, pcfg, throughput = pretrain_plan(cfg)
     fitted = fit(plan, cfg, run)
     if fitted is None:
         return None
 
     trainer = fitted.trainer
     model = fitted.module.model.float().eval()
-    tokenizer = load_tokenizer(tokens_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(Path(cfg.paths.tokens) / TOKENIZER_FILE)
     prompts = [pcfg.sample_prompts[i % len(pcfg.sample_prompts)] for i in range(pcfg.num_samples)]
     samples = generate_samples(
         model, tokenizer, prompts, pcfg.sample_tokens, seed=cfg.seed, eot_id=tokenizer.token_to_id(EOT)
