@@ -16,6 +16,7 @@ CONF = ROOT / "conf"
 GROUPS = ("data", "tokenizer", "model", "optimizer", "trainer", "logger", "experiment")
 TARGET_SECTIONS = {
     "pretrain",
+    "perf",
     "instructions",
     "sft",
     "distill",
