@@ -60,6 +60,13 @@ MC_FILE = "mc_test.jsonl"
 """Multiple-choice benchmark questions in the MMLU format."""
 
 
+# --- A preferences directory (the preferences stage) and the reward model --------------------------------------
+PREFERENCE_STATS_FILE = "stats.json"
+"""Pair counts per split, task and kind of negative."""
+REWARD_HEAD_FILE = "reward_head.pt"
+"""Beside model.pt in a reward model directory: the scalar head on the backbone's last hidden state."""
+
+
 # --- Tracking ----------------------------------------------------------------------------------------------------
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 """The MLflow store every stage, the registry and `lmpipe generate/serve` use unless MLFLOW_TRACKING_URI or
