@@ -112,6 +112,15 @@ def sequence_logprobs(
     return per_token.sum(dim=1), per_token
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in `model`: a policy whose log-probabilities are compared with a frozen reference's (or with
+    those it sampled under) must compute them the same way (TRL does the same for DPO and PPO)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 class RewardModel(nn.Module):
     """A GPT backbone with a scalar head on the final hidden state of the last response token (the one that
     predicts `<|end|>`), which has read the whole prompt and response."""
