@@ -6,9 +6,7 @@ Outs: <paths.models>/dpo/, <paths.metrics>/dpo.json, <paths.plots>/dpo/; persist
 <paths.checkpoints>/dpo/.
 """
 
-from pathlib import Path
-
-from lmpipe import atomic, tracking
+from lmpipe import tracking
 from lmpipe.stage import run_stage
 
 SECTIONS = ("seed", "paths", "optimizer", "trainer", "perf", "logger", "dpo")
@@ -20,17 +18,13 @@ def main(cfg):
     from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.dpo import train_dpo
-    from lmpipe.training.outputs import write_curves, write_model_dir
+    from lmpipe.training.post_outputs import write_policy_outputs
 
     with tracking.stage_run("dpo", cfg, SECTIONS) as run:
         result = train_dpo(cfg, run)
         if result is None:  # a DDP worker process
             return
-        extra = {"stage": "dpo", "metrics": result.metrics}
-        policy_dir = Path(cfg.paths.models) / cfg.dpo.policy
-        write_model_dir(Path(cfg.paths.models) / "dpo", result.model, extra, policy_dir, result.samples)
-        write_curves(Path(cfg.paths.plots) / "dpo", result.curves)
-        atomic.write_json(Path(cfg.paths.metrics) / "dpo.json", result.metrics)
+        write_policy_outputs(cfg, "dpo", cfg.dpo.policy, result)
         tracking.log_metrics(result.metrics, prefix="final")
         mlflow.log_text(format_samples(result.samples), SAMPLES_FILE)
         test = result.metrics["test"]

@@ -6,9 +6,7 @@ Outs: <paths.models>/rl/, <paths.metrics>/rl.json, <paths.plots>/rl/ (per-step r
 persistent checkpoints in <paths.checkpoints>/rl/.
 """
 
-from pathlib import Path
-
-from lmpipe import atomic, tracking
+from lmpipe import tracking
 from lmpipe.stage import run_stage
 
 SECTIONS = ("seed", "paths", "optimizer", "trainer", "perf", "logger", "rl")
@@ -19,18 +17,14 @@ def main(cfg):
 
     from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
-    from lmpipe.training.outputs import write_curves, write_model_dir
+    from lmpipe.training.post_outputs import write_policy_outputs
     from lmpipe.training.rl import train_rl
 
     with tracking.stage_run("rl", cfg, SECTIONS) as run:
         result = train_rl(cfg, run)
         if result is None:  # a DDP worker process
             return
-        extra = {"stage": "rl", "metrics": result.metrics}
-        policy_dir = Path(cfg.paths.models) / cfg.rl.policy
-        write_model_dir(Path(cfg.paths.models) / "rl", result.model, extra, policy_dir, result.samples)
-        write_curves(Path(cfg.paths.plots) / "rl", result.curves)
-        atomic.write_json(Path(cfg.paths.metrics) / "rl.json", result.metrics)
+        write_policy_outputs(cfg, "rl", cfg.rl.policy, result)
         tracking.log_metrics(result.metrics, prefix="final")
         mlflow.log_text(format_samples(result.samples), SAMPLES_FILE)
         m = result.metrics

@@ -24,6 +24,10 @@ STAGES = (
     "pretrain",
     "sft",
     "distill",
+    "preferences",
+    "reward",
+    "dpo",
+    "rl",
     "export",
     "quantize",
     "evaluate",
@@ -95,6 +99,8 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
         "onnx-student",
         "onnx-student-int8",
         "onnx-student-nodistill",
+        "onnx-dpo",
+        "onnx-rl",
     }
     assert set(rows) == variants | {next(k for k in rows if k.startswith("kneser-ney"))}
     vocab = json.loads((path / "data/tokens/meta.json").read_text())["vocab_size"]
