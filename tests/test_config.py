@@ -19,6 +19,7 @@ TARGET_SECTIONS = {
     "perf",
     "instructions",
     "sft",
+    "encoder",
     "preferences",
     "reward",
     "dpo",
@@ -176,7 +177,7 @@ def test_unknown_trainer_argument_is_caught():
 
 def test_unknown_key_in_params_yaml_section(tmp_path):
     params = tmp_path / "params.yaml"
-    text = config.params_yaml([], conf_dir=CONF).replace("  n_layer: 4\n", "  n_layer: 4\n  n_layr: 3\n")
+    text = config.params_yaml([], conf_dir=CONF).replace("\n  n_layer: 4\n", "\n  n_layer: 4\n  n_layr: 3\n")
     params.write_text(text, encoding="utf-8")
     cfg = config.load([], params_file=params)
     config.check(cfg, ["data", "tokenizer"], where=str(params))  # sections without the typo pass

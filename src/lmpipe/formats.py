@@ -43,6 +43,11 @@ HEADS_FILE = "heads.pt"
 SAMPLES_FILE = "samples.txt"
 """Generated samples written at the end of a training stage (and by evaluate)."""
 
+# --- An encoder directory (encoder_finetune) -----------------------------------------------------------------
+ENCODER_FILE = "encoder.pt"
+"""The encoder's config, weights and extra (lmpipe.encoder.model.save_encoder); beside it HEADS_FILE, the
+encoder's own TOKENIZER_FILE and SAMPLES_FILE (lmpipe.encoder.classifier)."""
+
 # --- An ONNX directory (export, quantize) ---------------------------------------------------------------------
 ONNX_FILE = "model.onnx"
 """The graph inside an export directory."""

@@ -56,7 +56,7 @@ class EncoderConfig:
         return self.n_embd // self.n_head
 
 
-DEFAULT_SCRATCH = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128}
+DEFAULT_SCRATCH = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128, "dropout": 0.1}
 """The from-scratch encoder's shape: about the default GPT's (4 x 256), so the two compare at one size."""
 
 
@@ -84,6 +84,8 @@ class EncoderFinetuneConfig(FinetuneSchedule):
     """Examples per micro-batch on each device."""
     head_lr: Annotated[float, Field(gt=0)] = 2e-3
     """Peak learning rate of the new classification heads (`lr` is the encoder's)."""
+    stats_rows: Positive = 1024
+    """Training rows whose initial pooled vectors standardise the heads' input (mean and std per channel)."""
     lora_rank: Positive = 8
     """LoRA: rank of the adapters on the encoder's attention and MLP projections."""
     lora_alpha: Annotated[float, Field(gt=0)] = 16

@@ -1,0 +1,98 @@
+"""Tests for lmpipe.encoder.finetune (with classifier and outputs): the stage's runs on toy JSONL label data, a
+random tiny encoder (init=scratch) and the real MiniLM with a frozen body (init=pretrained, method=head)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe.encoder.classifier import load_encoder_classifier
+from lmpipe.encoder.finetune import finetune_encoder
+from lmpipe.encoder.outputs import write_classifier_dir
+from lmpipe.encoder.pretrained import load_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Toy texts: each label's words use their own letters, so the tasks are separable from the text.
+LETTERS = {"red": "abcde", "green": "fghij", "blue": "klmno"}
+
+
+def toy_jsonl(path, n: int = 240) -> str:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        label = list(LETTERS)[i % 3]
+        words = ["".join(rng.choice(list(LETTERS[label]), size=4)) for _ in range(4)]
+        lines.append({"text": " ".join(words), "label": label, "task": "colour"})
+        lines.append(
+            {"text": " ".join(words), "label": "warm" if label == "red" else "cold", "task": "warmth"}
+        )
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def overrides(tmp_path, *extra):
+    return [
+        f"encoder.jsonl=[{toy_jsonl(tmp_path / 'toy.jsonl')}]",
+        "encoder.tasks=[colour,warmth]",
+        "encoder.max_length=32",
+        "encoder.batch_size=8",
+        "encoder.warmup_steps=2",
+        "encoder.val_check_interval=10",
+        "encoder.limit_val_batches=2",
+        "encoder.checkpoint_every_n_steps=10",
+        *extra,
+    ]
+
+
+SCRATCH = "encoder.scratch={n_layer: 1, n_head: 2, n_embd: 32, block_size: 32, dropout: 0.0}"
+
+
+def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path):
+    cfg = tiny_config(
+        *overrides(tmp_path, "encoder.init=scratch", SCRATCH, "encoder.max_steps=30", "encoder.lr=3e-3")
+    )
+    result = finetune_encoder(cfg)
+    m = result.metrics
+    assert m["steps"] == 30 and m["resumed"] is False and m["method"] == "full"
+    assert m["tasks"]["colour"]["accuracy"] > 0.6 and m["tasks"]["warmth"]["roc_auc"] > 0.7
+    assert m["trainable_parameters"] == m["total_parameters"]
+    model_dir = write_classifier_dir(tmp_path / "enc", result.classifier, {"stage": "test"}, result.samples)
+    loaded = load_encoder_classifier(model_dir)
+    texts = ["abcd abcd", "klmn onml"]
+    np.testing.assert_allclose(
+        loaded.predict_proba("colour", texts), result.classifier.predict_proba("colour", texts), atol=1e-6
+    )
+    again = finetune_encoder(cfg)  # its last checkpoint is the finished run
+    assert again.metrics["resumed"] is True and again.metrics["tasks"] == m["tasks"]
+
+
+def test_scratch_lora_merges_into_plain_layers(tiny_config, tmp_path):
+    cfg = tiny_config(
+        *overrides(tmp_path, "encoder.init=scratch", SCRATCH, "encoder.method=lora", "encoder.max_steps=4")
+    )
+    result = finetune_encoder(cfg)
+    m = result.metrics
+    assert m["trainable_parameters"] < m["total_parameters"] / 2
+    names = set(result.classifier.encoder.state_dict())
+    assert not any("lora" in name for name in names) and "blocks.0.attn.c_attn.weight" in names
+
+
+def test_pretrained_head_keeps_the_encoder_frozen(tiny_config, tmp_path):
+    cfg = tiny_config(*overrides(tmp_path, "encoder.method=head", "encoder.max_steps=3"))
+    result = finetune_encoder(cfg)
+    reference, _ = load_pretrained()
+    for name, value in reference.state_dict().items():
+        if name.startswith("mlm_"):  # MiniLM has no masked-LM head: each load draws a fresh one
+            continue
+        assert torch.equal(result.classifier.encoder.state_dict()[name], value), name
+    heads = sum(p.numel() for p in result.classifier.heads.parameters())
+    assert result.metrics["trainable_parameters"] == heads
+
+
+def test_missing_classifier_file_is_one_line(tmp_path):
+    from lmpipe.errors import LmpipeError
+
+    with pytest.raises(LmpipeError, match="missing .*encoder.pt: expected an encoder classifier directory"):
+        load_encoder_classifier(tmp_path)
