@@ -396,3 +396,34 @@ def test_an_interrupted_lora_run_resumes_to_identical_weights(sft_config, tmp_pa
     # Step 5's validation ran after that step's checkpoint, and Lightning does not repeat it on resume.
     assert resumed.curves["val_loss"] == [p for p in full.curves["val_loss"] if p[0] != 5]
     assert resumed.samples == full.samples
+
+
+# --- Replay: pretraining windows mixed into SFT batches ------------------------------------------------------
+
+
+def test_replay_config_splits_the_batch_and_refuses_head():
+    assert SFTConfig(batch_size=32, replay=0.25).replay_split == (24, 8)
+    assert SFTConfig(batch_size=32).replay_split == (32, 0)
+    with pytest.raises(LmpipeError, match=r"sft.replay=0.25: expected 0 for method=head"):
+        SFTConfig(method="head", replay=0.25)
+    with pytest.raises(LmpipeError, match=r"sft.replay=0.01: .* 0 windows and 8 examples"):
+        SFTConfig(batch_size=8, replay=0.01)
+
+
+def test_replay_mixes_windows_into_batches_and_weights_the_losses_by_rows(sft_config, inputs, tmp_path):
+    from lmpipe.tokenizer import write_shards
+
+    text = " ".join(inputs.examples["prompt"])
+    write_shards(tmp_path / "tokens", {"train": [text], "val": [text]}, inputs.tokenizer, show_progress=False)
+    cfg = sft_config(replay=0.25, max_steps=4, val_check_interval=2)
+    cfg.paths.tokens = str(tmp_path / "tokens")
+    result = finetune(cfg)
+    assert result.metrics["steps"] == 4
+
+    module = module_for(inputs, "full").eval()  # no dropout: the two sides must see the same weights
+    rows, _ = encode_lm_examples(split(inputs, "train"), inputs.tokenizer, CHAT_TEMPLATE, BLOCK)
+    examples = collate(rows[:6], PAD_ID)
+    windows = (examples["input_ids"][:2, :8], examples["input_ids"][:2, 1:9])
+    mixed = module.batch_loss({"sft": examples, "lm": windows})
+    expected = 0.75 * module.batch_loss(examples) + 0.25 * module.model(*windows).loss
+    assert torch.allclose(mixed, expected)

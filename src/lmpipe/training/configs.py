@@ -182,14 +182,30 @@ class SFTConfig(FinetuneSchedule, Samples):
     """LoRA: names of the Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
     head_tasks: list[str] = field(default_factory=lambda: ["testament", "book"])
     """head: label tasks that get a classification head (their examples are the training data)."""
+    replay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """full/lora: share of each batch's rows that are pretraining windows (paths.tokens train), against forgetting."""
 
     def __post_init__(self):
+        n_examples, n_windows = self.replay_split
+        if self.replay > 0 and self.method == "head":
+            raise LmpipeError(f"sft.replay={self.replay}: expected 0 for method=head (the GPT stays frozen)")
+        if self.replay > 0 and not (n_examples and n_windows):
+            raise LmpipeError(
+                f"sft.replay={self.replay}: with sft.batch_size={self.batch_size} a batch would hold {n_windows} "
+                f"windows and {n_examples} examples; expected at least one of each"
+            )
         if self.method == "head" and (
             not self.head_tasks or len(set(self.head_tasks)) != len(self.head_tasks)
         ):
             raise LmpipeError(
                 f"sft.head_tasks={self.head_tasks}: expected at least one label task, each once, for method=head"
             )
+
+    @property
+    def replay_split(self) -> tuple[int, int]:
+        """(instruction examples, pretraining windows) per micro-batch; the windows' count rounds half up."""
+        n_windows = math.floor(self.replay * self.batch_size + 0.5)
+        return self.batch_size - n_windows, n_windows
 
 
 NO_TEACHER = "none"

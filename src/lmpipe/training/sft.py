@@ -34,11 +34,11 @@ from lmpipe.errors import LmpipeError
 from lmpipe.formats import LABELS_FILE, MODEL_FILE, PAD, TOKENIZER_FILE, split_file
 from lmpipe.model import GPT, load_model
 from lmpipe.text_samples import answer_samples, spread
-from lmpipe.tokenizer import load_tokenizer
+from lmpipe.tokenizer import load_tokenizer, read_meta, tokenizer_hash
 from lmpipe.training.checkpointing import digest, file_sha256
 from lmpipe.training.configs import OptimizerConfig, SFTConfig
 from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
-from lmpipe.training.datamodules import ResumableBatches
+from lmpipe.training.datamodules import RandomWindows, ResumableBatches, check_shards
 from lmpipe.training.heads import ClassificationHeads, HeadClassifier, last_prompt_hidden, prompt_features
 from lmpipe.training.lora import apply_lora, merge_lora
 from lmpipe.training.sft_data import (
@@ -49,6 +49,7 @@ from lmpipe.training.sft_data import (
     encode_lm_examples,
     rows_sha256,
 )
+from lmpipe.training.streams import BatchStream, StreamSpec
 
 
 class SFTDataModule(ResumableBatches, L.LightningDataModule):
@@ -58,7 +59,15 @@ class SFTDataModule(ResumableBatches, L.LightningDataModule):
     grouped by task, so the first `limit_val_batches` batches in file order would cover only the first task.
     """
 
-    def __init__(self, train: list[Row], val: list[Row], batch_size: int, seed: int, pad_id: int):
+    def __init__(
+        self,
+        train: list[Row],
+        val: list[Row],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        replay: ReplayWindows | None = None,
+    ):
         super().__init__()
         if not train or not val:
             raise LmpipeError(
@@ -66,18 +75,50 @@ class SFTDataModule(ResumableBatches, L.LightningDataModule):
             )
         self.train_rows = train
         self.val_rows = [val[i] for i in np.random.default_rng(seed).permutation(len(val))]
-        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.batch_size, self.seed, self.pad_id, self.replay = batch_size, seed, pad_id, replay
 
     def batches_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.train_rows) / (self.batch_size * self.world_size)))
 
     def train_dataloader(self) -> DataLoader:
         spec = self.stream_spec(self.seed, self.batches_per_epoch())
-        return self.loader(RandomExampleBatches(self.train_rows, self.batch_size, self.pad_id, spec))
+        if self.replay is None:
+            return self.loader(RandomExampleBatches(self.train_rows, self.batch_size, self.pad_id, spec))
+        n_windows = self.replay.windows
+        examples = RandomExampleBatches(self.train_rows, self.batch_size - n_windows, self.pad_id, spec)
+        # Another seed for the windows' stream, so its draws are independent of the examples' draws.
+        windows = RandomWindows(
+            self.replay.tokens_dir,
+            "train",
+            self.replay.block_size,
+            n_windows,
+            spec._replace(seed=self.seed + 1),
+        )
+        return self.loader(ReplayBatches(examples, windows, spec))
 
     def val_dataloader(self) -> DataLoader:
         collate_rows = partial(collate, pad_id=self.pad_id)
         return self.loader(self.val_rows, batch_size=self.batch_size, shuffle=False, collate_fn=collate_rows)
+
+
+@dataclass
+class ReplayWindows:
+    """sft.replay > 0: how many pretraining windows of which shards each training batch mixes in."""
+
+    tokens_dir: Path
+    block_size: int
+    windows: int
+
+
+class ReplayBatches(BatchStream):
+    """A batch of examples ("sft") and a batch of pretraining windows ("lm", (x, y)) under one index."""
+
+    def __init__(self, examples: RandomExampleBatches, windows: RandomWindows, spec: StreamSpec):
+        super().__init__(spec)
+        self.examples, self.windows = examples, windows
+
+    def batch(self, index: int) -> dict:
+        return {"sft": self.examples.batch(index), "lm": self.windows.batch(index)}
 
 
 class LitSFT(TrainingModule):
@@ -116,8 +157,14 @@ class LitSFT(TrainingModule):
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training objective of the method on one batch."""
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        """The training objective of the method on one batch; with replay, the examples' and the windows' mean
+        losses weighted by their share of the batch's rows (a window has ~100 labels, an example a few, so a
+        mean over all labels would be the windows' alone)."""
+        if "lm" in batch:
+            n_windows = len(batch["lm"][0])
+            share = n_windows / (n_windows + len(batch["sft"]["input_ids"]))
+            return (1 - share) * self.batch_loss(batch["sft"]) + share * self.model(*batch["lm"]).loss
         if self.heads is None:
             return self.model(batch["input_ids"], batch["labels"]).loss
         return self.heads.loss(self._features(batch), batch["task"], batch["label"])[0]
@@ -199,6 +246,21 @@ def _encode(cfg: DictConfig, scfg: SFTConfig, tokenizer, template: str, max_leng
     return frames, rows, skipped, head_sets
 
 
+def _replay_windows(cfg: DictConfig, scfg: SFTConfig, pretrained_dir: Path, block_size: int):
+    """(what the batches mix in, a digest of the shards) for sft.replay > 0, after checking that the shards
+    hold the pretrained model's token ids."""
+    tokens_dir = Path(cfg.paths.tokens)
+    meta = read_meta(tokens_dir)
+    if meta.get("tokenizer_sha256") != tokenizer_hash(pretrained_dir / TOKENIZER_FILE):
+        raise LmpipeError(
+            f"sft.replay={scfg.replay}: the token shards in {tokens_dir} were not made by the pretrained "
+            f"model's tokenizer ({pretrained_dir / TOKENIZER_FILE}); re-run the tokenize stage"
+        )
+    check_shards(tokens_dir, block_size, "model.block_size")
+    windows = ReplayWindows(tokens_dir, block_size, scfg.replay_split[1])
+    return windows, digest({"tokenizer": meta.get("tokenizer_sha256"), "token_counts": meta.get("splits")})
+
+
 def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
     """Fine-tune the pretrained model (resuming if possible); on the main process return the result.
 
@@ -222,6 +284,9 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
     if pad_id is None:
         raise LmpipeError(f"{pretrained_dir / TOKENIZER_FILE}: no {PAD} token; expected an lmpipe tokenizer")
     frames, rows, skipped, head_sets = _encode(cfg, scfg, tokenizer, template, max_length)
+    replay, replay_data = None, None
+    if scfg.replay > 0:
+        replay, replay_data = _replay_windows(cfg, scfg, pretrained_dir, block_size)
     head_sizes = {task: len(labels) for task, labels in head_sets.items()} if head_sets else None
 
     def build_module() -> LitSFT:
@@ -233,14 +298,14 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
     plan = FitPlan(
         name="sft",
         build_module=build_module,
-        datamodule=SFTDataModule(rows["train"], rows["val"], scfg.batch_size, cfg.seed, pad_id),
+        datamodule=SFTDataModule(rows["train"], rows["val"], scfg.batch_size, cfg.seed, pad_id, replay),
         trainer=scfg.trainer(cfg.trainer),
         checkpoint_every_n_steps=scfg.checkpoint_every_n_steps,
         shaping={
             "optimizer": optim_cfg,
             "sft": scfg,
             "pretrained": file_sha256(model_path),
-            "data": rows_sha256(rows) + digest({"labels": head_sets}),
+            "data": rows_sha256(rows) + digest({"labels": head_sets}) + (replay_data or ""),
         },
     )
     fitted = fit(plan, cfg, run)
