@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmpipe.errors import LmpipeError
-from lmpipe.model import GPT, GPTConfig, load_model, save_checkpoint
+from lmpipe.model import ATTENTION_KERNELS, GPT, GPTConfig, attend, load_model, save_checkpoint
 
 POS = ["learned", "sinusoidal", "rotary"]
 
@@ -202,6 +202,32 @@ def test_eval_mode_is_deterministic_and_train_mode_uses_dropout():
     assert torch.equal(model(idx).logits, model(idx).logits)
     model.train()
     assert not torch.equal(model(idx).logits, model(idx).logits)
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+@pytest.mark.parametrize("past", [0, 5])
+def test_attention_kernels_compute_the_same_function(kernel, past):
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    k, v = torch.cat((torch.randn(2, 3, past, 8), k), 2), torch.cat((torch.randn(2, 3, past, 8), v), 2)
+    key, query = torch.arange(6 + past), torch.arange(6) + past
+    mask = (key[None, :] <= query[:, None]) if past else None
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(8)
+    causal = key[None, :] <= query[:, None]
+    reference = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v.double()
+    torch.testing.assert_close(attend(q, k, v, mask, 0.0, kernel).double(), reference, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.0, kernel)
+    assert low.dtype == torch.bfloat16  # the fp32 kernel hands back the dtype it was given
+    torch.testing.assert_close(low.double(), reference, rtol=0, atol=2e-2)
+
+
+def test_a_models_attention_kernel_changes_no_logit():
+    model, idx = tiny(), tokens((2, 12))
+    reference = model(idx).logits
+    for kernel in ATTENTION_KERNELS:
+        for block in model.blocks:
+            block.attn.kernel = kernel
+        torch.testing.assert_close(model(idx).logits, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("pos", POS)

@@ -88,3 +88,12 @@ def test_a_compiled_training_loss_trains_as_the_eager_one():
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for a, b in zip(weights(compiled), weights(eager), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_perf_attention_chooses_the_kernel_of_every_attention_layer():
+    explicit, _ = fit_lit(0.0, steps=5, perf=PerfConfig(attention="explicit"))
+    assert {block.attn.kernel for block in explicit.model.blocks} == {"explicit"}
+    sdpa, _ = fit_lit(0.0, steps=5)
+    assert {block.attn.kernel for block in sdpa.model.blocks} == {"sdpa"}
+    for a, b in zip(weights(explicit), weights(sdpa), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -209,9 +209,10 @@ def test_fingerprint_covers_what_shapes_training_and_nothing_else(tiny_config, t
         "trainer.accumulate_grad_batches=2",
         "pretrain.batch_size=4",
         "pretrain.warmup_steps=2",
-        "perf.optimizer_kernel=fused",
+        "perf.optimizer_kernel=foreach",
         "perf.compile=true",
         "perf.attention=math",
+        "perf.attention=explicit",
         "perf.threads=1",
     ):
         assert fingerprint(tiny_config(override)) != base, override

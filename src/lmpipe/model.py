@@ -29,6 +29,35 @@ from lmpipe.model_config import GPTConfig
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
+ATTENTION_KERNELS = ("sdpa", "fp32", "explicit")
+"""How attention is computed; the same function up to rounding (training chooses via perf.attention)."""
+
+
+def attend(q, k, v, mask, dropout_p: float, kernel: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim), masked) v for (B, H, T, hd) q and (B, H, S, hd) k, v.
+
+    mask: boolean (T, S) or (B, 1, T, S), True where a key is visible; None means causal with no past.
+    kernel: `sdpa` is torch's fused kernel in the input dtype; `fp32` runs it on fp32 copies, because on a CPU
+    the flash kernel's bf16 backward is about 2x slower than its fp32 one (bench/README.md); `explicit` writes
+    the ops out (scores, softmax in fp32, weighted sum), which autocast keeps in bf16 and torch.compile fuses.
+    """
+    if kernel == "fp32" and q.dtype != torch.float32:
+        with torch.autocast(q.device.type, enabled=False):  # autocast would cast the copies back down
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+            )
+        return y.to(q.dtype)
+    if kernel == "explicit":
+        T, S = q.shape[-2], k.shape[-2]
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1)
+        return F.dropout(weights, dropout_p).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+    )
+
 
 class GPTOutput(NamedTuple):
     logits: torch.Tensor
@@ -68,6 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.kernel = "sdpa"  # one of ATTENTION_KERNELS; not saved: a choice of how, not of what
 
     def forward(self, x, rope, mask, past):
         B, T, C = x.shape
@@ -79,9 +109,7 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         # mask is None only without a past and without padding: then SDPA's top-left causal mask is right.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
-        )
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.kernel)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 

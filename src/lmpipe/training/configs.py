@@ -65,14 +65,17 @@ OptimizerKernel = Literal["loop", "foreach", "fused"]
 
 @config.schema("perf")
 class PerfConfig:
-    """How the training core runs a step (every stage): switches that make steps faster (bench/README.md)."""
+    """How the training core runs a step (every stage): switches that make steps faster (bench/README.md).
+
+    The defaults here are the plain code path; conf/config.yaml turns on what `make bench` measured to pay.
+    """
 
     optimizer_kernel: OptimizerKernel = "loop"
     """Optimizer update: loop (torch's CPU default, ops per tensor), foreach (ops over tensor lists) or fused."""
     sparse_logging: bool = True
     """Log train metrics only on the steps that write logs (trainer.log_every_n_steps): same curves, less work."""
-    attention: Literal["auto", "math"] = "auto"
-    """Attention kernel in training steps: auto (torch's: flash on a CPU, whose backward is slow) or math."""
+    attention: Literal["auto", "math", "fp32", "explicit"] = "auto"
+    """Attention in training steps: auto (SDPA's flash kernel), math (SDPA's), fp32 (flash on fp32 copies), explicit."""
     compile: bool = False
     """torch.compile the training loss (its forward and backward); rounds differently, compiles at step 1."""
     threads: NonNegative = 0

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmpipe import config
-from lmpipe.model import GPT
+from lmpipe.model import ATTENTION_KERNELS, GPT, CausalSelfAttention
 from lmpipe.training.callbacks import LossHistory, progress_callbacks
 from lmpipe.training.checkpointing import (
     RngStateInCheckpoints,
@@ -92,6 +92,10 @@ class TrainingModule(RngStateInCheckpoints, L.LightningModule):
             if self.perf.attention == "math"
             else contextlib.nullcontext
         )
+        kernel = self.perf.attention if self.perf.attention in ATTENTION_KERNELS else "sdpa"
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.kernel = kernel
 
     def training_step(self, batch, batch_idx):
         with self._attention():
