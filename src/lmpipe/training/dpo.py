@@ -27,6 +27,7 @@ from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
 from lmpipe.training.policy import disable_dropout, sequence_logprobs
 from lmpipe.training.post_configs import DPOConfig
 from lmpipe.training.preference_data import (
+    EagerLoss,
     FrozenOutOfCheckpoints,
     PairDataModule,
     grouped_accuracy,
@@ -59,7 +60,7 @@ def dpo_terms(policy: GPT, reference: GPT, batch: dict, beta: float) -> dict[str
     }
 
 
-class LitDPO(FrozenOutOfCheckpoints, TrainingModule):
+class LitDPO(EagerLoss, FrozenOutOfCheckpoints, TrainingModule):
     frozen_attributes = ("reference",)
 
     def __init__(self, policy: GPT, reference: GPT, optimizer: OptimizerConfig, cfg: DPOConfig):

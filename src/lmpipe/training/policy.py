@@ -1,15 +1,14 @@
 """What post-training does with a GPT besides its own forward pass: sample responses to many prompts, score a
 response by its summed log-probability, and read a scalar reward off the backbone.
 
-Sampling groups prompts of equal token length so that each group is one `GPT.generate` call with its KV cache
-and no padding (label-task prompts come in a few dozen lengths, so the groups are large). A sequence here is
+Sampling left-pads a batch of prompts (per-row positions and an attention mask, which `GPT.forward` takes
+with its KV cache), so a whole batch of prompts, each with several sampled copies, is one prefill and a few
+cached decode steps. A sequence here is
 prompt + response + `<|end|>`; the model reads all but its last token, the response tokens (and `<|end|>`) are
 the targets, as in supervised fine-tuning.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -34,45 +33,51 @@ def sample_ids(
     """`copies` sampled responses per prompt (token ids, ending with `end_id` when the model closed its turn
     within `max_new_tokens` and the context), prompt-major: response j of prompt i at i * copies + j.
 
-    Each group of equal-length prompts is prefilled once, in bf16 autocast as training runs, and its KV cache
-    repeated for the copies; deterministic given the generator's state."""
+    Prompts go `batch_size` at a time, left-padded into one batch (positions and an attention mask keep each
+    row's computation its own), prefilled once in bf16 autocast as training runs, with the KV cache repeated
+    for the copies; generation stops when every row has closed its turn. Deterministic given the generator."""
     was_training = model.training
     model.eval()
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
-    out: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
+    out: list[list[int]] = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        for length in sorted(by_length):
-            members = by_length[length]
-            steps = min(max_new_tokens, model.config.block_size - length)
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                rows = _sample_group(
-                    model, [prompts[i] for i in chunk], copies, steps, temperature, generator
-                )
-                for k, row in enumerate(rows.tolist()):
-                    i, j = chunk[k // copies], k % copies
-                    out[i * copies + j] = row[: row.index(end_id) + 1] if end_id in row else row
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            steps = min(max_new_tokens, model.config.block_size - max(len(p) for p in chunk))
+            rows = _sample_batch(model, chunk, copies, steps, temperature, generator, end_id)
+            out.extend(row[: row.index(end_id) + 1] if end_id in row else row for row in rows.tolist())
     model.train(was_training)
     return out
 
 
-def _sample_group(model: GPT, prompts, copies, steps, temperature, generator) -> torch.Tensor:
-    """(len(prompts) * copies, steps) sampled ids after equal-length prompts (no stopping: the caller cuts)."""
-    tokens = []
+def _sample_batch(model: GPT, prompts, copies, steps, temperature, generator, end_id) -> torch.Tensor:
+    """(len(prompts) * copies, <= steps) sampled ids after left-padded prompts (rows that closed their turn
+    keep sampling until all have; the caller cuts at `end_id`)."""
     if steps <= 0:
         return torch.zeros((len(prompts) * copies, 0), dtype=torch.long)
-    out = model(torch.tensor(prompts, dtype=torch.long), use_cache=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(ids, positions=positions, attention_mask=mask, use_cache=True)
     past = tuple((k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)) for k, v in out.past_kv)
     logits = out.logits[:, -1].float().repeat_interleave(copies, 0)
+    mask = mask.repeat_interleave(copies, 0)
+    position = positions[:, -1:].repeat_interleave(copies, 0)
+    finished = torch.zeros(len(logits), dtype=torch.bool)
+    tokens = []
     for step in range(steps):
-        probs = torch.softmax(logits / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
+        nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
         tokens.append(nxt)
-        if step + 1 < steps:
-            out = model(nxt, past_kv=past, use_cache=True)
-            past, logits = out.past_kv, out.logits[:, -1].float()
+        finished |= nxt[:, 0] == end_id
+        if bool(finished.all()) or step + 1 == steps:
+            break
+        mask = torch.cat((mask, torch.ones_like(nxt)), dim=1)
+        position = position + 1
+        out = model(nxt, positions=position, past_kv=past, attention_mask=mask, use_cache=True)
+        past, logits = out.past_kv, out.logits[:, -1].float()
     return torch.cat(tokens, dim=1)
 
 

@@ -61,7 +61,7 @@ class RLConfig(FinetuneSchedule, Samples):
     """Model directory under paths.models of the frozen KL reference (same tokenizer as the policy)."""
     reward: Literal["model", "exact_match"] = "model"
     """Score of a sampled response: the reward model's (paths.models/reward) or 1/0 exact match with the label."""
-    prompts_per_step: Positive = 8
+    prompts_per_step: Positive = 4
     """Prompts (from the preference train pairs) per optimizer step."""
     group_size: Annotated[int, Field(ge=2)] = 8
     """Responses sampled per prompt; advantages are rewards normalised within each prompt's group (GRPO)."""

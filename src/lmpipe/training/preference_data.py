@@ -179,6 +179,17 @@ def grouped_accuracy(
     return result
 
 
+class EagerLoss:
+    """Mixin for a TrainingModule whose loss runs eagerly whatever `perf.compile` says: the post-training
+    batches are padded to their longest pair or sample (a new shape nearly every step, so a compiled loss
+    would keep recompiling), the stages run ~100 steps (less than compiling costs cold), and the RL loss
+    samples from the model inside it."""
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        self._step_loss = self.training_loss
+
+
 class FrozenOutOfCheckpoints:
     """Mixin for a TrainingModule with frozen modules at the attributes `frozen_attributes` (a reference model,
     a reward model): they stay in eval mode, out of the checkpoints (their weights are pinned by the

@@ -30,6 +30,7 @@ from lmpipe.training.core import FitPlan, TrainingModule, fit
 from lmpipe.training.policy import RewardModel
 from lmpipe.training.post_configs import RewardConfig
 from lmpipe.training.preference_data import (
+    EagerLoss,
     PairDataModule,
     grouped_accuracy,
     load_pair_rows,
@@ -45,7 +46,7 @@ def bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
 
 
-class LitReward(TrainingModule):
+class LitReward(EagerLoss, TrainingModule):
     def __init__(self, model: RewardModel, optimizer: OptimizerConfig, cfg: RewardConfig):
         super().__init__(optimizer, cfg, cfg.max_steps)
         self.model = model.requires_grad_(True)

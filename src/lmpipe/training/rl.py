@@ -44,7 +44,13 @@ from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
 from lmpipe.training.datamodules import ResumableBatches
 from lmpipe.training.policy import RewardModel, disable_dropout, response_mask, sample_ids, token_logprobs
 from lmpipe.training.post_configs import RLConfig
-from lmpipe.training.preference_data import FrozenOutOfCheckpoints, load_policy_pair, pad_id_of, pair_samples
+from lmpipe.training.preference_data import (
+    EagerLoss,
+    FrozenOutOfCheckpoints,
+    load_policy_pair,
+    pad_id_of,
+    pair_samples,
+)
 from lmpipe.training.reward import load_reward_model
 from lmpipe.training.streams import BatchStream, StreamSpec
 
@@ -102,7 +108,7 @@ def pad_sequences(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, torch.tensor([len(s) for s in sequences])
 
 
-class LitRL(FrozenOutOfCheckpoints, TrainingModule):
+class LitRL(EagerLoss, FrozenOutOfCheckpoints, TrainingModule):
     frozen_attributes = ("reference", "reward_model")
 
     def __init__(
