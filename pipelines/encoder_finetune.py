@@ -1,9 +1,10 @@
-"""Stage `encoder_finetune`: the encoder (all-MiniLM-L6-v2, or from scratch) fine-tuned on the label tasks,
-by `encoder.method`: `full`, `head` (frozen encoder, new heads) or `lora`.
+"""Stage `encoder_finetune`: the encoder fine-tuned on the label tasks by `encoder.method` (`full`, `head`:
+frozen encoder plus new heads, or `lora`), from `encoder.init`: all-MiniLM-L6-v2 (pretrained) or the
+encoder_mlm stage's encoder (scratch); with `encoder.also_scratch`, both, on the same data and budget.
 
-Outs: <paths.encoder>/ (encoder.pt, heads.pt, tokenizer.json, samples.txt), <paths.metrics>/encoder_finetune.json
-(test metrics per task), <paths.plots>/encoder_finetune/{train,val}_loss.csv; checkpoints in
-<paths.checkpoints>/encoder_finetune/.
+Outs: <paths.encoder>/ and, for the comparison, <paths.encoder>-scratch/ (encoder.pt, heads.pt, tokenizer.json,
+samples.txt); <paths.metrics>/encoder_finetune.json (test metrics per task, by init);
+<paths.plots>/encoder_finetune/<init>/{train,val}_loss.csv; checkpoints in <paths.checkpoints>/encoder_finetune*/.
 """
 
 from pathlib import Path
@@ -17,30 +18,40 @@ SECTIONS = ("seed", "paths", "optimizer", "trainer", "perf", "logger", "encoder"
 def main(cfg):
     import mlflow
 
-    from lmpipe.encoder.finetune import finetune_encoder
+    from lmpipe.encoder.finetune import finetune_encoder, runs
     from lmpipe.encoder.outputs import write_classifier_dir
     from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.outputs import write_curves
 
     with tracking.stage_run("encoder_finetune", cfg, SECTIONS) as run:
-        result = finetune_encoder(cfg, run)
-        if result is None:  # a DDP worker process
-            return
-        extra = {"stage": "encoder_finetune", "metrics": result.metrics}
-        model_dir = write_classifier_dir(Path(cfg.paths.encoder), result.classifier, extra, result.samples)
-        write_curves(Path(cfg.paths.plots) / "encoder_finetune", result.curves)
-        atomic.write_json(Path(cfg.paths.metrics) / "encoder_finetune.json", result.metrics)
-        tracking.log_metrics(result.metrics, prefix="final")
-        mlflow.set_tags({"encoder_init": result.metrics["init"], "encoder_method": result.metrics["method"]})
-        mlflow.log_text(format_samples(result.samples), SAMPLES_FILE)
-        summary = ", ".join(
-            f"{task} acc {m['accuracy']:.3f} macro-F1 {m['f1_macro']:.3f} AUC {m['roc_auc']:.3f}"
-            for task, m in result.metrics["tasks"].items()
-        )
-        print(
-            f"encoder_finetune: {result.metrics['init']}/{result.metrics['method']} -> {model_dir}: {summary}"
-        )
+        metrics, written = {}, []
+        for init in runs(cfg):
+            result = finetune_encoder(cfg, run, init)
+            if result is None:  # a DDP worker process
+                return
+            model_dir = Path(cfg.paths.encoder if init == cfg.encoder.init else f"{cfg.paths.encoder}-{init}")
+            written.append((model_dir, result))
+            metrics[init] = result.metrics
+            write_curves(Path(cfg.paths.plots) / "encoder_finetune" / init, result.curves)
+            tracking.log_metrics(result.metrics, prefix=f"final_{init}")
+            mlflow.log_text(format_samples(result.samples), f"{init}/{SAMPLES_FILE}")
+        # Written once every run has finished: a failure in the second leaves the earlier outputs intact.
+        for model_dir, result in written:
+            write_classifier_dir(
+                model_dir,
+                result.classifier,
+                {"stage": "encoder_finetune", "metrics": result.metrics},
+                result.samples,
+            )
+        atomic.write_json(Path(cfg.paths.metrics) / "encoder_finetune.json", metrics)
+        mlflow.set_tags({"encoder_method": cfg.encoder.method, "encoder_inits": ",".join(metrics)})
+        for init, m in metrics.items():
+            summary = ", ".join(
+                f"{task} acc {t['accuracy']:.3f} macro-F1 {t['f1_macro']:.3f} AUC {t['roc_auc']:.3f}"
+                for task, t in m["tasks"].items()
+            )
+            print(f"encoder_finetune: {init}/{m['method']}, {m['steps']} steps: {summary}")
 
 
 if __name__ == "__main__":

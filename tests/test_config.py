@@ -19,6 +19,7 @@ TARGET_SECTIONS = {
     "perf",
     "instructions",
     "sft",
+    "mlm",
     "encoder",
     "preferences",
     "reward",

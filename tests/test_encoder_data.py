@@ -78,12 +78,3 @@ def test_bucketed_batches_are_similar_in_length_and_reproducible():
     assert lengths.max() - lengths.min() <= 6  # a window of 32 of 400 rows in length order
     again = LengthBucketedBatches(rows, 8, pad_id=0, spec=spec).batch(5)
     assert (again["input_ids"] == batch["input_ids"]).all()
-
-
-def test_config_bounds():
-    with pytest.raises(LmpipeError, match="encoder.scratch.width: unknown field"):
-        EncoderFinetuneConfig(scratch={"width": 3})
-    with pytest.raises(LmpipeError, match="encoder.scratch.block_size=32: below encoder.max_length=64"):
-        EncoderFinetuneConfig(scratch={"block_size": 32})
-    with pytest.raises(LmpipeError, match="encoder.method='adapter'"):
-        EncoderFinetuneConfig(method="adapter")

@@ -9,7 +9,8 @@ import torch
 
 from lmpipe.encoder.classifier import load_encoder_classifier
 from lmpipe.encoder.finetune import finetune_encoder
-from lmpipe.encoder.outputs import write_classifier_dir
+from lmpipe.encoder.mlm import pretrain_encoder
+from lmpipe.encoder.outputs import write_classifier_dir, write_encoder_dir
 from lmpipe.encoder.pretrained import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,13 +47,19 @@ def overrides(tmp_path, *extra):
     ]
 
 
-SCRATCH = "encoder.scratch={n_layer: 1, n_head: 2, n_embd: 32, block_size: 32, dropout: 0.0}"
+@pytest.fixture
+def mlm_encoder(tiny_config):
+    """A tiny masked-LM encoder where the encoder_mlm stage writes it (paths.encoder_mlm)."""
+    from test_encoder_mlm import TINY
+
+    cfg = tiny_config(*TINY)
+    result = pretrain_encoder(cfg)
+    write_encoder_dir(cfg.paths.encoder_mlm, result.encoder, result.tokenizer, {"stage": "test"})
+    return cfg.paths.encoder_mlm
 
 
-def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path):
-    cfg = tiny_config(
-        *overrides(tmp_path, "encoder.init=scratch", SCRATCH, "encoder.max_steps=30", "encoder.lr=3e-3")
-    )
+def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path, mlm_encoder):
+    cfg = tiny_config(*overrides(tmp_path, "encoder.init=scratch", "encoder.max_steps=30", "encoder.lr=3e-3"))
     result = finetune_encoder(cfg)
     m = result.metrics
     assert m["steps"] == 30 and m["resumed"] is False and m["method"] == "full"
@@ -68,9 +75,9 @@ def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path):
     assert again.metrics["resumed"] is True and again.metrics["tasks"] == m["tasks"]
 
 
-def test_scratch_lora_merges_into_plain_layers(tiny_config, tmp_path):
+def test_scratch_lora_merges_into_plain_layers(tiny_config, tmp_path, mlm_encoder):
     cfg = tiny_config(
-        *overrides(tmp_path, "encoder.init=scratch", SCRATCH, "encoder.method=lora", "encoder.max_steps=4")
+        *overrides(tmp_path, "encoder.init=scratch", "encoder.method=lora", "encoder.max_steps=4")
     )
     result = finetune_encoder(cfg)
     m = result.metrics

@@ -86,8 +86,3 @@ def test_parameter_groups_cover_each_weight_once():
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert "wte.weight" in groups[0]["param_names"] and "wpe.weight" in groups[1]["param_names"]
     assert model.num_parameters(non_embedding=True) < model.num_parameters()
-
-
-def test_config_refuses_indivisible_width():
-    with pytest.raises(LmpipeError, match="not divisible by n_head"):
-        EncoderConfig(n_embd=10, n_head=3)

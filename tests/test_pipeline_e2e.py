@@ -23,6 +23,7 @@ STAGES = (
     "instructions",
     "pretrain",
     "sft",
+    "encoder_mlm",
     "encoder_finetune",
     "distill",
     "preferences",

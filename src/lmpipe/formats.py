@@ -21,6 +21,8 @@ SPECIAL_TOKENS = (EOT, PAD, SYSTEM, USER, ASSISTANT, END)
 """Reserved at ids 0..5 in this order, in every tokenizer."""
 UNK = "<|unk|>"
 """Char tokenizer only: stands for a character not seen in training (id 6)."""
+MASK = "<|mask|>"
+"""Encoder tokenizers only (encoder_mlm): the masked-LM mask token, appended after the corpus vocabulary."""
 
 IGNORE_INDEX = -100
 """Label of a position the loss skips (PyTorch's cross-entropy default): prompts, padding."""

@@ -16,7 +16,7 @@ Positive = Annotated[int, Field(ge=1)]
 POOLINGS = ("mean", "first")
 
 
-@config.schema("encoder.scratch")
+@config.schema("encoder_model")
 class EncoderConfig:
     vocab_size: Positive = 30522
     """Number of token ids (the encoder tokenizer's vocabulary size)."""
@@ -43,27 +43,20 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise LmpipeError(
-                f"encoder.scratch.n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
-            )
+            raise LmpipeError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.pad_id >= self.vocab_size:
-            raise LmpipeError(
-                f"encoder.scratch.pad_id={self.pad_id}: expected below vocab_size={self.vocab_size}"
-            )
+            raise LmpipeError(f"pad_id={self.pad_id}: expected below vocab_size={self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
 
-DEFAULT_SCRATCH = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128, "dropout": 0.1}
-"""The from-scratch encoder's shape: about the default GPT's (4 x 256), so the two compare at one size."""
-
-
 @config.schema("encoder")
 class EncoderFinetuneConfig(FinetuneSchedule):
     init: Literal["pretrained", "scratch"] = "pretrained"
-    """Start from all-MiniLM-L6-v2 (pretrained) or from random weights of shape `scratch` (scratch)."""
+    """Start from all-MiniLM-L6-v2 (pretrained) or from the encoder_mlm stage's encoder, pretrained here from
+    scratch on the corpus (scratch)."""
     method: Literal["full", "head", "lora"] = "full"
     """full (every weight trains), head (frozen encoder, new heads: transfer learning) or lora (adapters)."""
     tasks: Annotated[list[str], Field(min_length=1)] = field(default_factory=lambda: ["testament", "book"])
@@ -94,8 +87,8 @@ class EncoderFinetuneConfig(FinetuneSchedule):
         default_factory=lambda: list(LORA_TARGETS)
     )
     """LoRA: the encoder's Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
-    scratch: dict = field(default_factory=lambda: dict(DEFAULT_SCRATCH))
-    """init=scratch: EncoderConfig fields of the random encoder (vocab_size and pad_id come from its tokenizer)."""
+    also_scratch: bool = True
+    """With init=pretrained, also fine-tune the encoder_mlm stage's encoder the same way (init=scratch)."""
 
     def __post_init__(self):
         if len(set(self.tasks)) != len(self.tasks):
@@ -105,19 +98,46 @@ class EncoderFinetuneConfig(FinetuneSchedule):
                 f"encoder.val_fraction + encoder.test_fraction = {self.val_fraction + self.test_fraction}: "
                 "expected below 1 so records remain for training"
             )
-        allowed = {f.name for f in dataclasses.fields(EncoderConfig)} - {"vocab_size", "pad_id", "pooling"}
-        unknown = sorted(set(self.scratch) - allowed)
+
+
+DEFAULT_MLM_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "dropout": 0.1}
+"""The from-scratch encoder's shape: the default GPT's (4 x 256), so the two compare at one size."""
+
+
+@config.schema("mlm")
+class MLMConfig(FinetuneSchedule):
+    model: dict = field(default_factory=lambda: dict(DEFAULT_MLM_MODEL))
+    """EncoderConfig fields of the new encoder (vocab_size, pad_id and block_size come from tokenizer and window)."""
+    window: Positive = 64
+    """Tokens per training window of the corpus (the encoder's block_size)."""
+    batch_size: Positive = 32
+    """Windows per micro-batch on each device."""
+    mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    """Share of the (non-special) tokens selected for prediction."""
+    mask_token_prob: Annotated[float, Field(ge=0, le=1)] = 0.8
+    """Of the selected tokens, the share replaced by the mask token."""
+    random_token_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Of the selected tokens, the share replaced by a random token (the rest stay as they are)."""
+    test_windows: Positive = 400
+    """At most this many test windows (contiguous, with fixed masks) for the reported test metrics."""
+
+    def __post_init__(self):
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise LmpipeError(
+                f"mlm.mask_token_prob + mlm.random_token_prob = {self.mask_token_prob + self.random_token_prob}: "
+                "expected at most 1 (the rest of the selected tokens stay unchanged)"
+            )
+        allowed = {f.name for f in dataclasses.fields(EncoderConfig)} - {"vocab_size", "pad_id", "block_size"}
+        unknown = sorted(set(self.model) - allowed)
         if unknown:
             raise LmpipeError(
-                f"encoder.scratch.{unknown[0]}: unknown field; expected any of {', '.join(sorted(allowed))}"
+                f"mlm.model.{unknown[0]}: unknown field; expected any of {', '.join(sorted(allowed))}"
             )
-        self.scratch_config(vocab_size=self.max_length + 1, pad_id=0)  # validates the shape before any data
+        self.encoder_config(vocab_size=8, pad_id=1)  # validates the shape before any data is read
 
-    def scratch_config(self, vocab_size: int, pad_id: int) -> EncoderConfig:
-        """The from-scratch encoder's config for a tokenizer."""
-        shape = EncoderConfig(vocab_size=vocab_size, pad_id=pad_id, pooling=self.pooling, **self.scratch)
-        if shape.block_size < self.max_length:
-            raise LmpipeError(
-                f"encoder.scratch.block_size={shape.block_size}: below encoder.max_length={self.max_length}"
-            )
-        return shape
+    def encoder_config(self, vocab_size: int, pad_id: int) -> EncoderConfig:
+        """The new encoder's config for a tokenizer of `vocab_size` ids (the mask token included)."""
+        try:
+            return EncoderConfig(vocab_size=vocab_size, pad_id=pad_id, block_size=self.window, **self.model)
+        except LmpipeError as exc:
+            raise LmpipeError(f"mlm.model: {exc}") from None

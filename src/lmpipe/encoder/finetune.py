@@ -5,8 +5,8 @@ standardised with statistics of the initial encoder's features), all tasks in ev
 - full: every weight trains (the encoder at `encoder.lr`, the new heads at `encoder.head_lr`);
 - head: the encoder stays frozen, in eval mode (transfer learning: new layers on a fixed copy);
 - lora: low-rank adapters on the encoder's projections (`lmpipe.training.lora`), merged at the end.
-`encoder.init`: pretrained (all-MiniLM-L6-v2 with its WordPiece tokenizer) or scratch (random weights of
-`encoder.scratch`'s shape, with the corpus tokenizer of the tokenize stage).
+`encoder.init`: pretrained (all-MiniLM-L6-v2 with its WordPiece tokenizer) or scratch (the encoder_mlm stage's
+encoder, pretrained from random weights on the corpus, with its tokenizer).
 
 Test metrics are the evaluate stage's own (`lmpipe.evaluation.tasks.classification_metrics`) on the test split,
 so they compare with the GPT variants and the TF-IDF baseline on the same held-out examples.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lmpipe import config
 from lmpipe.encoder.classifier import EncoderClassifier, pooled_features
@@ -32,10 +32,10 @@ from lmpipe.encoder.data import (
     instruction_label_data,
     jsonl_label_data,
 )
-from lmpipe.encoder.model import Encoder
+from lmpipe.encoder.model import Encoder, load_encoder
 from lmpipe.encoder.tokens import EncoderTokenizer
 from lmpipe.errors import LmpipeError
-from lmpipe.formats import PAD, TOKENIZER_FILE
+from lmpipe.formats import ENCODER_FILE, TOKENIZER_FILE
 from lmpipe.training.checkpointing import digest, file_sha256
 from lmpipe.training.configs import OptimizerConfig
 from lmpipe.training.core import FitPlan, TrainingModule, fit
@@ -128,10 +128,17 @@ def initial_encoder(cfg: DictConfig, ecfg: EncoderFinetuneConfig) -> tuple[Encod
                 f"encoder.max_length={ecfg.max_length}: exceeds the pretrained encoder's {encoder.config.block_size}"
             )
         return encoder, tokenizer, file_sha256(bundled_dir() / WEIGHTS_FILE)
-    tokenizer = EncoderTokenizer.from_file(Path(cfg.paths.tokens) / TOKENIZER_FILE, PAD)
-    shape = ecfg.scratch_config(tokenizer.vocab_size, tokenizer.pad_id)
-    torch.manual_seed(cfg.seed)  # the random initial weights draw from the global RNG
-    return Encoder(shape), tokenizer, digest({"scratch": OmegaConf.to_container(cfg.encoder.scratch)})
+    # scratch: the encoder_mlm stage's encoder, pretrained from random weights on this corpus
+    mlm_dir = Path(cfg.paths.encoder_mlm)
+    encoder, extra = load_encoder(mlm_dir / ENCODER_FILE)
+    if ecfg.max_length > encoder.config.block_size:
+        raise LmpipeError(
+            f"encoder.max_length={ecfg.max_length}: exceeds the block_size {encoder.config.block_size} of "
+            f"{mlm_dir / ENCODER_FILE} (mlm.window)"
+        )
+    encoder.config.pooling = ecfg.pooling
+    tokenizer = EncoderTokenizer.from_file(mlm_dir / TOKENIZER_FILE, extra["pad_token"])
+    return encoder, tokenizer, file_sha256(mlm_dir / ENCODER_FILE)
 
 
 def label_data(cfg: DictConfig, ecfg: EncoderFinetuneConfig) -> LabelData:
@@ -140,11 +147,20 @@ def label_data(cfg: DictConfig, ecfg: EncoderFinetuneConfig) -> LabelData:
     return instruction_label_data(cfg.paths.instructions, ecfg.tasks)
 
 
-def finetune_encoder(cfg: DictConfig, run=None) -> EncoderResult | None:
-    """Fine-tune (resuming if possible) and score on test; None in DDP worker processes."""
+def runs(cfg: DictConfig) -> list[str]:
+    """The encoder.init of each fine-tuning run of the stage: the configured one, then scratch as well when
+    encoder.also_scratch asks for the comparison."""
+    ecfg: EncoderFinetuneConfig = config.build(cfg.encoder)
+    return [ecfg.init, "scratch"] if ecfg.also_scratch and ecfg.init == "pretrained" else [ecfg.init]
+
+
+def finetune_encoder(cfg: DictConfig, run=None, init: str | None = None) -> EncoderResult | None:
+    """Fine-tune from `init` (default encoder.init), resuming if possible, and score on test; None in DDP
+    worker processes. A run other than the configured one keeps its checkpoints apart (`-<init>`)."""
     from lmpipe.evaluation.tasks import classification_metrics
 
-    ecfg: EncoderFinetuneConfig = config.build(cfg.encoder)
+    ecfg: EncoderFinetuneConfig = config.build(cfg.encoder, **({"init": init} if init else {}))
+    name = "encoder_finetune" if ecfg.init == cfg.encoder.init else f"encoder_finetune-{ecfg.init}"
     optim_cfg = ecfg.optimizer(cfg.optimizer)
     data = label_data(cfg, ecfg)
     encoder, tokenizer, init_hash = initial_encoder(cfg, ecfg)
@@ -163,7 +179,7 @@ def finetune_encoder(cfg: DictConfig, run=None) -> EncoderResult | None:
         return module
 
     plan = FitPlan(
-        name="encoder_finetune",
+        name=name,
         build_module=build_module,
         datamodule=EncoderDataModule(rows["train"], rows["val"], ecfg.batch_size, cfg.seed, tokenizer.pad_id),
         trainer=ecfg.trainer(cfg.trainer),

@@ -1,38 +1,48 @@
-"""An encoder classifier directory written atomically (the format `lmpipe.encoder.classifier` reads)."""
+"""Encoder directories written atomically: the masked-LM encoder (encoder.pt + its tokenizer) and the
+fine-tuned classifier (the same plus heads.pt and samples), as `lmpipe.encoder.classifier` reads them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from lmpipe import atomic
 from lmpipe.encoder.classifier import EncoderClassifier
-from lmpipe.encoder.model import save_encoder
+from lmpipe.encoder.model import Encoder, save_encoder
+from lmpipe.encoder.tokens import EncoderTokenizer
 from lmpipe.formats import ENCODER_FILE, HEADS_FILE, SAMPLES_FILE, TOKENIZER_FILE
 from lmpipe.text_samples import format_samples
 from lmpipe.training.heads import save_heads
 
 
+def write_encoder_dir(
+    model_dir: str | Path,
+    encoder: Encoder,
+    tokenizer: EncoderTokenizer,
+    extra: dict,
+    also: Callable[[Path], None] | None = None,
+) -> Path:
+    """Replace `model_dir` with the encoder and its tokenizer; `also(tmp)` may add more files."""
+    model_dir = Path(model_dir)
+    extra = {**extra, "pad_token": tokenizer.tokenizer.id_to_token(tokenizer.pad_id)}
+    with atomic.atomic_path(model_dir) as tmp:
+        tmp.mkdir()
+        save_encoder(tmp / ENCODER_FILE, encoder, extra)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        if also is not None:
+            also(tmp)
+    return model_dir
+
+
 def write_classifier_dir(
     model_dir: str | Path, classifier: EncoderClassifier, extra: dict, samples: list[dict]
 ) -> Path:
-    """Replace `model_dir` with the encoder, its heads, its tokenizer and samples."""
-    model_dir = Path(model_dir)
-    pad_token = classifier.tokenizer.tokenizer.id_to_token(classifier.tokenizer.pad_id)
-    extra = {
-        **extra,
-        "max_length": classifier.max_length,
-        "too_long": classifier.too_long,
-        "pad_token": pad_token,
-    }
-    with atomic.atomic_path(model_dir) as tmp:
-        tmp.mkdir()
-        save_encoder(tmp / ENCODER_FILE, classifier.encoder, extra)
-        save_heads(
-            tmp / HEADS_FILE,
-            classifier.heads.state_dict(),
-            classifier.label_sets,
-            classifier.encoder.config.n_embd,
-        )
-        classifier.tokenizer.save(tmp / TOKENIZER_FILE)
+    """Replace `model_dir` with the classifier's encoder, tokenizer, heads and samples."""
+
+    def add(tmp: Path) -> None:
+        n_embd = classifier.encoder.config.n_embd
+        save_heads(tmp / HEADS_FILE, classifier.heads.state_dict(), classifier.label_sets, n_embd)
         (tmp / SAMPLES_FILE).write_text(format_samples(samples), encoding="utf-8")
-    return model_dir
+
+    extra = {**extra, "max_length": classifier.max_length, "too_long": classifier.too_long}
+    return write_encoder_dir(model_dir, classifier.encoder, classifier.tokenizer, extra, also=add)
