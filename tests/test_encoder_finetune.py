@@ -4,6 +4,7 @@ random tiny encoder (init=scratch) and the real MiniLM with a frozen body (init=
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from lmpipe.encoder.finetune import finetune_encoder
 from lmpipe.encoder.mlm import pretrain_encoder
 from lmpipe.encoder.outputs import write_classifier_dir, write_encoder_dir
 from lmpipe.encoder.pretrained import load_pretrained
+from lmpipe.evaluation.benchmark import evaluate_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,6 +73,10 @@ def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path, mlm_encode
     np.testing.assert_allclose(
         loaded.predict_proba("colour", texts), result.classifier.predict_proba("colour", texts), atol=1e-6
     )
+    # The evaluate stage's view: instruction-style rows scored through the same classifier.
+    frame = pd.DataFrame({"task": ["colour", "colour"], "prompt": texts, "response": ["red", "blue"]})
+    scored, confusion = evaluate_encoder(loaded, frame, {"colour": loaded.label_sets["colour"]})
+    assert scored["colour"]["n"] == 2 and len(confusion["colour"]) == 2 and "warmth" not in scored
     again = finetune_encoder(cfg)  # its last checkpoint is the finished run
     assert again.metrics["resumed"] is True and again.metrics["tasks"] == m["tasks"]
 

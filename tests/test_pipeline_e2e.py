@@ -114,7 +114,11 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 30 and pretrain["world_size"] == 1
     tasks = report["tasks"]
-    assert set(tasks) == variants | {"tf-idf + logistic regression"}
+    encoders = {"encoder-pretrained-full", "encoder-scratch-full"}
+    assert set(tasks) == variants | encoders | {"tf-idf + logistic regression"}
+    assert set(report["encoders"]) == encoders
+    for name in encoders:
+        assert set(tasks[name]) == {"testament", "book"} and 0 <= tasks[name]["book"]["f1_macro"] <= 1
     for name in variants:
         assert set(tasks[name]) == {"testament", "book", "continue", "mc"}
         assert 0 <= tasks[name]["testament"]["accuracy"] <= 1

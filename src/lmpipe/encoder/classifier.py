@@ -78,8 +78,9 @@ class EncoderClassifier:
         return [labels[i] for i in self.predict_proba(task, texts).argmax(axis=1)]
 
 
-def load_encoder_classifier(model_dir: str | os.PathLike) -> EncoderClassifier:
-    """The classifier of an encoder fine-tuning directory, on CPU, in eval mode."""
+def load_encoder_classifier(model_dir: str | os.PathLike, with_extra: bool = False):
+    """The classifier of an encoder fine-tuning directory, on CPU, in eval mode (and the encoder's extra dict:
+    stage, metrics, with_extra)."""
     model_dir = Path(model_dir)
     for name in (ENCODER_FILE, HEADS_FILE, TOKENIZER_FILE):
         if not (model_dir / name).is_file():
@@ -95,4 +96,7 @@ def load_encoder_classifier(model_dir: str | os.PathLike) -> EncoderClassifier:
             f"has n_embd {encoder.config.n_embd}; expected the heads trained on this encoder"
         )
     tokenizer = EncoderTokenizer.from_file(model_dir / TOKENIZER_FILE, extra["pad_token"])
-    return EncoderClassifier(encoder, heads, tokenizer, label_sets, extra["max_length"], extra["too_long"])
+    classifier = EncoderClassifier(
+        encoder, heads, tokenizer, label_sets, extra["max_length"], extra["too_long"]
+    )
+    return (classifier, extra) if with_extra else classifier

@@ -40,10 +40,12 @@ class LabelData:
     source: str
 
 
-def _question_prefixes() -> dict[str, str]:
+def verse_text(task: str, prompt: str) -> str:
+    """The text an encoder classifies in an instruction example: the prompt without its task's question."""
     from lmpipe.data.instructions import BOOK_PROMPT, TESTAMENT_PROMPT
 
-    return {"testament": TESTAMENT_PROMPT.format(verse=""), "book": BOOK_PROMPT.format(verse="")}
+    prefixes = {"testament": TESTAMENT_PROMPT.format(verse=""), "book": BOOK_PROMPT.format(verse="")}
+    return prompt.removeprefix(prefixes.get(task, ""))
 
 
 def instruction_label_data(directory: str | Path, tasks: list[str]) -> LabelData:
@@ -58,15 +60,11 @@ def instruction_label_data(directory: str | Path, tasks: list[str]) -> LabelData
             f"encoder.tasks: {missing[0]!r} has no label set in {directory / LABELS_FILE} "
             f"(label tasks there: {', '.join(label_sets) or 'none'})"
         )
-    prefixes = _question_prefixes()
     frames = {}
     for split in INSTRUCTION_SPLITS:
         examples = read_examples(directory, split)
         examples = examples[examples["task"].isin(tasks)]
-        text = [
-            prompt.removeprefix(prefixes.get(task, ""))
-            for task, prompt in zip(examples["task"], examples["prompt"], strict=True)
-        ]
+        text = [verse_text(t, p) for t, p in zip(examples["task"], examples["prompt"], strict=True)]
         frames[split] = pd.DataFrame(
             {"text": text, "label": examples["label"].to_numpy(), "task": examples["task"].to_numpy()}
         )

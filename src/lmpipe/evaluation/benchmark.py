@@ -121,3 +121,23 @@ def evaluate_tfidf(
         metrics[task] = {**classification_metrics(references, probs, labels), "exact_match": None}
         confusion[task] = confusion_rows(references, predicted_labels(probs, labels))
     return metrics, confusion
+
+
+def evaluate_encoder(
+    classifier, test: pd.DataFrame, label_sets: dict[str, list[str]]
+) -> tuple[dict, dict[str, list[dict]]]:
+    """An encoder classifier (`lmpipe.encoder.classifier`) on the same held-out label-task examples: the verse
+    text of each prompt, probabilities over the task's label set from the task's head."""
+    from lmpipe.encoder.data import verse_text
+
+    metrics: dict[str, Any] = {}
+    confusion: dict[str, list[dict]] = {}
+    for task, rows in _by_task(test).items():
+        if task not in label_sets or task not in classifier.heads:
+            continue
+        labels = classifier.label_sets[task]
+        probs = classifier.predict_proba(task, [verse_text(task, p) for p in rows["prompt"]])
+        references = list(rows["response"])
+        metrics[task] = {**classification_metrics(references, probs, labels), "exact_match": None}
+        confusion[task] = confusion_rows(references, predicted_labels(probs, labels))
+    return metrics, confusion

@@ -47,6 +47,8 @@ class EvaluateConfig:
     """Greedy tokens generated per free-text task answer (label answers get just enough for the longest label)."""
     tfidf: bool = True
     """Add the TF-IDF + logistic regression baseline on the label tasks."""
+    encoders: list[str] = field(default_factory=list)
+    """Encoder classifier directories (stage encoder_finetune) scored on the same held-out label-task examples."""
     speed: bool = True
     """Measure decode tokens/s (batch 1 and 8) and prefill latency (p50/p95) of every variant."""
     threads: Annotated[int, Field(ge=0)] = 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe.data.instructions import read_examples, read_label_sets, read_mc_jsonl
-from lmpipe.evaluation.benchmark import evaluate_tfidf, evaluate_variant, fitting
+from lmpipe.evaluation.benchmark import evaluate_encoder, evaluate_tfidf, evaluate_variant, fitting
 from lmpipe.evaluation.report import EvaluateConfig, markdown_table, model_row, ngram_baseline
 from lmpipe.evaluation.speed import measure, torch_threads
 from lmpipe.evaluation.tasks import variant_table
@@ -55,6 +55,18 @@ OVERVIEW_COLUMNS = [
 ]
 
 
+ENCODER_COLUMNS = [
+    ("parameters", "parameters"),
+    ("parameters_non_embedding", "non-embedding"),
+    ("steps", "steps"),
+    ("tokens_seen_estimate", "tokens"),
+    ("train_seconds", "train s"),
+    ("classify_ms_per_example", "classify ms/example"),
+    ("book_f1_macro", "book F1 macro"),
+    ("testament_roc_auc", "testament AUC"),
+]
+
+
 @dataclass
 class Evaluation:
     results: dict
@@ -82,7 +94,7 @@ def evaluate_all(
         name: model_row(v.lm, tokens_dir, ecfg.batch_size, ecfg.stride) for name, v in variants.items()
     }
 
-    task_rows, confusion, skipped = {}, {}, {}
+    task_rows, confusion, skipped, encoder_rows = {}, {}, {}, {}
     if ecfg.tasks:
         label_sets = read_label_sets(instructions_dir)
         smallest = min(variants.values(), key=lambda v: v.scorer.block_size).scorer
@@ -103,6 +115,8 @@ def evaluate_all(
             task_rows["tf-idf + logistic regression"], _ = evaluate_tfidf(
                 read_examples(instructions_dir, "train"), test, label_sets, seed
             )
+        for directory in ecfg.encoders:
+            name, encoder_rows[name], task_rows[name] = _encoder_rows(directory, test, label_sets, log)
 
     overview = {}
     for name, v in variants.items():
@@ -132,6 +146,7 @@ def evaluate_all(
         "tasks": task_rows,
         "variants": overview,
         "skipped_too_long": skipped,
+        "encoders": encoder_rows,
         "ppl_ratio_vs_ngram": {k: v["test_ppl"] / ngram["test_ppl"] for k, v in lm_rows.items()},
     }
     report = "# Model variants\n\n" + variant_table(overview, OVERVIEW_COLUMNS)
@@ -142,6 +157,8 @@ def evaluate_all(
             + variant_table(task_rows, TASK_COLUMNS)
             + _task_notes(task_rows, skipped)
         )
+    if encoder_rows:
+        report += "\n# Encoder classifiers (label tasks)\n\n" + variant_table(encoder_rows, ENCODER_COLUMNS)
     finetuned = next((n for n in variants if n.startswith("sft-")), next(reversed(variants)))
     return Evaluation(results, report, samples, confusion.get(finetuned, {}))
 
@@ -163,3 +180,31 @@ def _task_notes(task_rows: dict, skipped: dict) -> str:
     if skipped:
         notes += f" Left out as longer than the smallest context: {skipped}."
     return notes + "\n"
+
+
+def _encoder_rows(
+    directory: str, test, label_sets: dict, log: Callable[[str], None]
+) -> tuple[str, dict, dict]:
+    """(row name, cost row, task metrics) of one encoder classifier directory."""
+    from lmpipe.encoder.classifier import load_encoder_classifier
+    from lmpipe.formats import ENCODER_FILE
+
+    classifier, extra = load_encoder_classifier(directory, with_extra=True)
+    trained = extra.get("metrics", {})
+    name = f"encoder-{trained.get('init', 'unknown')}-{trained.get('method', 'unknown')}"
+    started = time.perf_counter()
+    tasks, _ = evaluate_encoder(classifier, test, label_sets)
+    seconds = time.perf_counter() - started
+    log(f"evaluate: tasks on {name} ({seconds:.0f} s)")
+    n = sum(task["n"] for task in tasks.values())
+    heads = sum(p.numel() for p in classifier.heads.parameters())
+    row = {
+        "parameters": classifier.encoder.num_parameters() + heads,
+        "parameters_non_embedding": classifier.encoder.num_parameters(non_embedding=True) + heads,
+        "file_mb": (Path(directory) / ENCODER_FILE).stat().st_size / 2**20,
+        **{key: trained.get(key) for key in ("steps", "tokens_seen_estimate", "train_seconds")},
+        "classify_ms_per_example": 1000 * seconds / max(1, n),
+        "book_f1_macro": tasks.get("book", {}).get("f1_macro"),
+        "testament_roc_auc": tasks.get("testament", {}).get("roc_auc"),
+    }
+    return name, row, tasks
