@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train test test-fast compare-sft lint params ui bench lock clean help
+.PHONY: setup train test test-fast compare-sft compare-encoder lint params ui bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -47,6 +47,15 @@ compare-sft: setup  ## fine-tune with every sft.method and compare them (metrics
 	done
 	$(BIN)/python pipelines/evaluate.py paths.metrics=metrics/sft-compare paths.plots=plots/sft-compare \
 	  'evaluate.variants=[models/pretrain,$(subst $(space),$(comma),$(addprefix models/sft-,$(METHODS)))]' $(OVERRIDES)
+
+ENCODER_METHODS := full head lora
+compare-encoder: setup  ## fine-tune the encoder with every encoder.method and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py
+	for m in $(ENCODER_METHODS); do \
+	  $(BIN)/python pipelines/encoder_finetune.py encoder.method=$$m encoder.also_scratch=false \
+	    paths.encoder=models/encoder-$$m paths.checkpoints=checkpoints/encoder-$$m \
+	    paths.metrics=metrics/encoder-compare/$$m paths.plots=plots/encoder-compare/$$m $(OVERRIDES) || exit 1; \
+	done
+	$(BIN)/python -m lmpipe.encoder.compare metrics/encoder-compare
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src pipelines tests bench
