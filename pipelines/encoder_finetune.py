@@ -3,10 +3,12 @@ frozen encoder plus new heads, or `lora`), from `encoder.init`: all-MiniLM-L6-v2
 encoder_mlm stage's encoder (scratch); with `encoder.also_scratch`, both, on the same data and budget.
 
 Outs: <paths.encoder>/ and, for the comparison, <paths.encoder>-scratch/ (encoder.pt, heads.pt, tokenizer.json,
-samples.txt); <paths.metrics>/encoder_finetune.json (test metrics per task, by init);
+samples.txt; the configured init's also onnx/ with the parity-checked ONNX classifier); <paths.metrics>/encoder_finetune.json (test metrics per task, by init);
 <paths.plots>/encoder_finetune/<init>/{train,val}_loss.csv; checkpoints in <paths.checkpoints>/encoder_finetune*/.
 """
 
+import json
+from functools import partial
 from pathlib import Path
 
 from lmpipe import atomic, tracking
@@ -20,7 +22,7 @@ def main(cfg):
 
     from lmpipe.encoder.finetune import finetune_encoder, runs
     from lmpipe.encoder.outputs import write_classifier_dir
-    from lmpipe.formats import SAMPLES_FILE
+    from lmpipe.formats import ENCODER_ONNX_DIR, ONNX_CONFIG_FILE, SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.outputs import write_curves
 
@@ -38,12 +40,14 @@ def main(cfg):
             mlflow.log_text(format_samples(result.samples), f"{init}/{SAMPLES_FILE}")
         # Written once every run has finished: a failure in the second leaves the earlier outputs intact.
         for model_dir, result in written:
-            write_classifier_dir(
-                model_dir,
-                result.classifier,
-                {"stage": "encoder_finetune", "metrics": result.metrics},
-                result.samples,
-            )
+            init = result.metrics["init"]
+            onnx = cfg.encoder.export_onnx and init == cfg.encoder.init
+            extra = {"stage": "encoder_finetune", "metrics": result.metrics}
+            export = partial(export_onnx, result.classifier) if onnx else None
+            write_classifier_dir(model_dir, result.classifier, extra, result.samples, also=export)
+            if onnx:
+                onnx_config = json.loads((model_dir / ENCODER_ONNX_DIR / ONNX_CONFIG_FILE).read_text("utf-8"))
+                metrics[init]["onnx_parity"] = onnx_config["parity"]
         atomic.write_json(Path(cfg.paths.metrics) / "encoder_finetune.json", metrics)
         mlflow.set_tags({"encoder_method": cfg.encoder.method, "encoder_inits": ",".join(metrics)})
         for init, m in metrics.items():
@@ -52,6 +56,13 @@ def main(cfg):
                 for task, t in m["tasks"].items()
             )
             print(f"encoder_finetune: {init}/{m['method']}, {m['steps']} steps: {summary}")
+
+
+def export_onnx(classifier, model_dir: Path) -> None:
+    from lmpipe.encoder.onnx import export_classifier
+    from lmpipe.formats import ENCODER_ONNX_DIR
+
+    export_classifier(classifier, model_dir / ENCODER_ONNX_DIR)
 
 
 if __name__ == "__main__":

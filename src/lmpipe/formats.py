@@ -49,6 +49,8 @@ SAMPLES_FILE = "samples.txt"
 ENCODER_FILE = "encoder.pt"
 """The encoder's config, weights and extra (lmpipe.encoder.model.save_encoder); beside it HEADS_FILE, the
 encoder's own TOKENIZER_FILE and SAMPLES_FILE (lmpipe.encoder.classifier)."""
+ENCODER_ONNX_DIR = "onnx"
+"""Inside an encoder classifier directory: its ONNX export (ONNX_FILE, ONNX_CONFIG_FILE, TOKENIZER_FILE)."""
 
 # --- An ONNX directory (export, quantize) ---------------------------------------------------------------------
 ONNX_FILE = "model.onnx"

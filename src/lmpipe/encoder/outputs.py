@@ -35,14 +35,21 @@ def write_encoder_dir(
 
 
 def write_classifier_dir(
-    model_dir: str | Path, classifier: EncoderClassifier, extra: dict, samples: list[dict]
+    model_dir: str | Path,
+    classifier: EncoderClassifier,
+    extra: dict,
+    samples: list[dict],
+    also: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Replace `model_dir` with the classifier's encoder, tokenizer, heads and samples."""
+    """Replace `model_dir` with the classifier's encoder, tokenizer, heads and samples; `also(tmp)` may add
+    more (the encoder_finetune stage: the ONNX export in formats.ENCODER_ONNX_DIR)."""
 
     def add(tmp: Path) -> None:
         n_embd = classifier.encoder.config.n_embd
         save_heads(tmp / HEADS_FILE, classifier.heads.state_dict(), classifier.label_sets, n_embd)
         (tmp / SAMPLES_FILE).write_text(format_samples(samples), encoding="utf-8")
+        if also is not None:
+            also(tmp)
 
     extra = {**extra, "max_length": classifier.max_length, "too_long": classifier.too_long}
     return write_encoder_dir(model_dir, classifier.encoder, classifier.tokenizer, extra, also=add)
