@@ -69,6 +69,7 @@ def export_classifier(
         "label_sets": classifier.label_sets,
         "max_length": classifier.max_length,
         "pad_id": classifier.tokenizer.pad_id,
+        "pad_token": classifier.tokenizer.tokenizer.id_to_token(classifier.tokenizer.pad_id),
     }
     with atomic.atomic_path(out_dir) as tmp:
         tmp.mkdir()
