@@ -265,6 +265,9 @@ def train_rl(cfg: DictConfig, run=None) -> TrainResult | None:
         reward_model = load_reward_model(reward_dir)
         reward_sha256 = file_sha256(reward_dir / MODEL_FILE)
     pairs = {split: _unique_prompts(read_pairs(cfg.paths.preferences, split)) for split in ("train", "val")}
+    # The pairs come grouped by task; validation reads the first prompts, so put them in one seeded order.
+    order = np.random.default_rng(cfg.seed).permutation(len(pairs["val"]))
+    pairs["val"] = [pairs["val"][i] for i in order]
     prompts = {
         s: [encode_prompt(tokenizer, template, p["prompt"]) for p in part] for s, part in pairs.items()
     }
