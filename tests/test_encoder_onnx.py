@@ -16,9 +16,9 @@ from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE, PAD, TOKENIZER_FILE
 from lmpipe.training.heads import ClassificationHeads
 
 
-@pytest.fixture
-def classifier(tiny_tokens):
-    tokenizer = EncoderTokenizer.from_file(tiny_tokens / TOKENIZER_FILE, PAD)
+def tiny_classifier(tokens_dir) -> EncoderClassifier:
+    """A random two-layer encoder classifier with two tasks over the tiny char tokenizer."""
+    tokenizer = EncoderTokenizer.from_file(tokens_dir / TOKENIZER_FILE, PAD)
     torch.manual_seed(0)
     config = EncoderConfig(
         vocab_size=tokenizer.vocab_size,
@@ -33,15 +33,24 @@ def classifier(tiny_tokens):
     return EncoderClassifier(Encoder(config), heads, tokenizer, labels, max_length=96)
 
 
-def test_export_matches_torch_on_other_shapes(classifier, tmp_path):
-    parity = export_classifier(classifier, tmp_path / "onnx")
-    assert parity["max_abs_prob_diff"] < 1e-5
-    config = json.loads((tmp_path / "onnx" / ONNX_CONFIG_FILE).read_text())
+@pytest.fixture(scope="module")
+def exported(tiny_tokens, tmp_path_factory):
+    """(the tiny classifier, its ONNX directory), exported once per test module."""
+    classifier = tiny_classifier(tiny_tokens)
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    export_classifier(classifier, out)
+    return classifier, out
+
+
+def test_export_matches_torch_on_other_shapes(exported):
+    classifier, onnx_dir = exported
+    config = json.loads((onnx_dir / ONNX_CONFIG_FILE).read_text())
+    assert config["parity"]["max_abs_prob_diff"] < 1e-5
     assert (
         config["output_names"] == ["probs_testament", "probs_book"]
         and config["label_sets"]["book"][1] == "John"
     )
-    session = ort.InferenceSession(str(tmp_path / "onnx" / ONNX_FILE), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
     texts = [
         "a",
         "the longest of these texts by far, to pad the others",

@@ -5,20 +5,14 @@ import json
 
 import numpy as np
 import pytest
-from test_encoder_onnx import classifier  # noqa: F401 (fixture)
+from test_encoder_onnx import exported  # noqa: F401 (fixture)
 
-from lmpipe.encoder.onnx import export_classifier
 from lmpipe.encoder.serving import CLASSIFIER_MODEL_NAME, OrtClassifier, register_classifier
 from lmpipe.errors import LmpipeError
 
 
-@pytest.fixture
-def onnx_dir(classifier, tmp_path):  # noqa: F811
-    export_classifier(classifier, tmp_path / "onnx")
-    return tmp_path / "onnx"
-
-
-def test_ort_classifier_matches_torch_and_checks_input(classifier, onnx_dir):  # noqa: F811
+def test_ort_classifier_matches_torch_and_checks_input(exported):  # noqa: F811
+    classifier, onnx_dir = exported
     ort_classifier = OrtClassifier(onnx_dir)
     texts = ["In the beginning", "Jesus wept."]
     result = ort_classifier.classify(texts)
@@ -36,7 +30,9 @@ def test_ort_classifier_matches_torch_and_checks_input(classifier, onnx_dir):  #
         ort_classifier.classify(["ok"], "psalm")
 
 
-def test_registered_pyfunc_returns_labels_and_probabilities(onnx_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # logging a pyfunc with lmpipe's code takes ~10 s
+def test_registered_pyfunc_returns_labels_and_probabilities(exported, tmp_path, monkeypatch):  # noqa: F811
+    onnx_dir = exported[1]
     import mlflow
     import pandas as pd
 
