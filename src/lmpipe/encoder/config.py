@@ -88,7 +88,8 @@ class EncoderFinetuneConfig(FinetuneSchedule):
     )
     """LoRA: the encoder's Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
     also_scratch: bool = True
-    """With init=pretrained, also fine-tune the encoder_mlm stage's encoder the same way (init=scratch)."""
+    """With init=pretrained, also fine-tune the encoder_mlm stage's encoder the same way (init=scratch); dvc.yaml
+    lists its output, so under DVC keep it on."""
     export_onnx: bool = True
     """Also write the classifier (the configured init's) as ONNX, checked against PyTorch, to <model dir>/onnx."""
 
