@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -37,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmpipe import atomic, config
 from lmpipe.errors import LmpipeError
@@ -206,6 +204,7 @@ def raw_loop(cfg) -> tuple[list[float], float]:
     clipping, compiled loss and batches; returns what `stage_loop` does."""
     import lightning as L
 
+    from lmpipe.training.core import use_attention
     from lmpipe.training.optim import build_optimizer, warmup_cosine
     from lmpipe.training.pretrain import pretrain_plan
 
@@ -226,11 +225,7 @@ def raw_loop(cfg) -> tuple[list[float], float]:
     def loss_of(x, y):
         return model(x, y).loss
 
-    attention = (
-        functools.partial(sdpa_kernel, SDPBackend.MATH)
-        if perf.attention == "math"
-        else contextlib.nullcontext
-    )
+    attention = use_attention(model, perf.attention)
 
     loss_fn = torch.compile(loss_of) if perf.compile else loss_of
     threads = torch.get_num_threads()

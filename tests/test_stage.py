@@ -123,7 +123,7 @@ def test_unknown_key_in_argv_returns_2_naming_the_key(repo, capsys, override):
 
 
 def test_unknown_key_in_params_yaml_returns_2_naming_file_and_key(repo, capsys):
-    text = config.params_yaml([]).replace("  n_layer: 4\n", "  n_layer: 4\n  n_layr: 3\n")
+    text = config.params_yaml([]).replace("\nmodel:\n", "\nmodel:\n  n_layr: 3\n")  # the top-level section
     (repo / "params.yaml").write_text(text, encoding="utf-8")
     body = Recorder()
     assert run_stage("pretrain", SECTIONS, body, argv=[]) == 2

@@ -45,6 +45,8 @@ def half_depth_student(teacher: Encoder) -> Encoder:
 class LitEncoderDistill(TrainingModule):
     """The student and its heads (a copy of the teacher's) against the frozen teacher classifier."""
 
+    fixed_shapes = False  # batches are padded to their longest verse
+
     def __init__(
         self,
         teacher: EncoderClassifier,

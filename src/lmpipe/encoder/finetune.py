@@ -54,6 +54,8 @@ class EncoderDataModule(SFTDataModule):
 
 
 class LitEncoderClassifier(TrainingModule):
+    fixed_shapes = False  # batches are padded to their longest verse
+
     def __init__(
         self, encoder: Encoder, optimizer: OptimizerConfig, ecfg: EncoderFinetuneConfig, seed: int, head_sizes
     ):

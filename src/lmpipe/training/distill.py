@@ -222,6 +222,8 @@ class DistillDataModule(ResumableBatches, L.LightningDataModule):
 class LitDistill(TrainingModule):
     """The trainable student, the frozen teacher (or none) and the distillation objective."""
 
+    fixed_shapes = False  # the SFT half of a batch is padded to its longest example
+
     def __init__(self, student: GPT, teacher: GPT | None, optimizer: OptimizerConfig, distill: DistillConfig):
         super().__init__(optimizer, distill, distill.max_steps)
         self.cfg = distill

@@ -185,9 +185,7 @@ class EagerLoss:
     would keep recompiling), the stages run ~100 steps (less than compiling costs cold), and the RL loss
     samples from the model inside it."""
 
-    def on_fit_start(self):
-        super().on_fit_start()
-        self._step_loss = self.training_loss
+    fixed_shapes = False
 
 
 class FrozenOutOfCheckpoints:

@@ -124,6 +124,8 @@ class ReplayBatches(BatchStream):
 class LitSFT(TrainingModule):
     """The pretrained GPT prepared for one SFT method, and the method's loss over what trains."""
 
+    fixed_shapes = False  # its batches are padded to their longest example
+
     def __init__(
         self,
         model: GPT,
