@@ -66,3 +66,21 @@ def test_too_little_to_judge_is_unknown(train, val):
     fit = diagnose_fit(train, val)
     assert fit["verdict"] == "unknown"
     assert "best_val_loss" not in fit
+
+
+def test_a_val_loss_of_zero_is_judged_without_dividing_by_it():
+    # A task learnt perfectly: val loss 0 from the start of the last quarter on (it divided by zero before).
+    fit = diagnose_fit(FALLING_TRAIN, curve([0.4, 0.1, 0.0, 0.0], every=50))
+    assert fit["verdict"] == "converged" and fit["best_val_loss"] == 0.0
+    # Any rise above a best of 0 exceeds a relative tolerance.
+    assert diagnose_fit(FALLING_TRAIN, curve([0.4, 0.0, 0.0, 0.2], every=50))["verdict"] == "overfitting"
+
+
+def test_negative_losses_compare_by_their_size():
+    # A policy-gradient objective can be negative: climbing from -1.0 to -0.5 is a rise, not a fall.
+    flat_train = curve([-1.0] * 20)
+    assert diagnose_fit(flat_train, curve([-0.8, -1.0, -0.9, -0.5], every=50))["verdict"] == "diverging"
+    fit = diagnose_fit(flat_train, curve([-0.2, -0.4, -0.5, -1.0], every=50))
+    assert fit["verdict"] == "underfitting" and "100.0%" in fit["reason"]
+    zero_start = diagnose_fit(flat_train, curve([1.0, 0.5, 0.0, -0.5], every=50))
+    assert zero_start["verdict"] == "underfitting" and "0.5 (from 0)" in zero_start["reason"]

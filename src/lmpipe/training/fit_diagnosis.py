@@ -8,6 +8,9 @@
   optimisation itself is unstable; lower the learning rate or lengthen the warm-up.
 - converged: none of these; the curves have flattened together.
 The gap (final val loss minus final train loss) is reported too: a large positive gap is the memorisation signal.
+
+`tolerance` is relative to the size of the loss it compares with (|best|, |start of the last quarter|), so a loss
+of exactly 0 (a task learnt perfectly) or a negative one (a policy-gradient objective) is judged without dividing.
 """
 
 from __future__ import annotations
@@ -32,16 +35,19 @@ def diagnose_fit(train: Curve, val: Curve, tolerance: float = 0.01) -> dict:
     final_val = values[-1]
     final_train = _tail_mean(train)
     quarter = values[-max(2, len(values) // 4) :]
-    recent_drop = (quarter[0] - quarter[-1]) / quarter[0]
+    recent_drop = quarter[0] - quarter[-1]
     train_at_best = [(s, v) for s, v in train if s <= best_step]
-    train_fell = bool(train_at_best) and final_train < _tail_mean(train_at_best) * (1 - tolerance)
+    train_then = _tail_mean(train_at_best) if train_at_best else None
+    train_fell = train_then is not None and train_then - final_train > tolerance * abs(train_then)
     rose = f"val loss rose from {best:.4f} (step {best_step}) to {final_val:.4f}"
-    if final_val > best * (1 + tolerance) and train_fell:
+    val_rose = final_val - best > tolerance * abs(best)
+    if val_rose and train_fell:
         verdict, reason = "overfitting", rose
-    elif final_val > best * (1 + tolerance):
+    elif val_rose:
         verdict, reason = "diverging", rose + " and train loss did not fall"
-    elif recent_drop > tolerance:
-        verdict, reason = "underfitting", f"val loss still fell {recent_drop:.1%} over the last quarter"
+    elif recent_drop > tolerance * abs(quarter[0]):
+        fell = f"{recent_drop / abs(quarter[0]):.1%}" if quarter[0] else f"{recent_drop:.4g} (from 0)"
+        verdict, reason = "underfitting", f"val loss still fell {fell} over the last quarter"
     else:
         verdict, reason = "converged", "val loss flat over the last quarter"
     return {
