@@ -5,14 +5,17 @@ chosen response is "yes" and the rejected one "no" (kind `random`), or a longer 
 """
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lmpipe.chat import tokenizer_config
 from lmpipe.data.preferences import pair_stats, write_pairs
+from lmpipe.errors import LmpipeError
 from lmpipe.formats import TOKENIZER_CONFIG_FILE
 from lmpipe.model import GPT, GPTConfig, save_checkpoint
 from lmpipe.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
@@ -67,3 +70,20 @@ def post_config(tiny_config, inputs, root: Path, section: str, target: str, **fi
     cfg.trainer.log_every_n_steps = 1
     cfg[section] = {"_target_": target, **fields}
     return cfg
+
+
+def refuses_a_reference_with_another_tokenizer(train, cfg, inputs, root: Path, section: str) -> None:
+    """`train(cfg)` with `<section>.reference=other`, a copy of the SFT model beside a tokenizer with another
+    special token, stops with the one-line error naming the field, before any checkpoint is written."""
+    models = root / "models"
+    shutil.copytree(inputs.models, models)
+    shutil.copytree(models / "sft", models / "other")
+    tok = json.loads((models / "other" / "tokenizer.json").read_text())
+    tok["added_tokens"][0]["content"] = "<|other|>"
+    (models / "other" / "tokenizer.json").write_text(json.dumps(tok))
+    cfg.paths.models = str(models)
+    cfg[section].reference = "other"
+    message = rf"^{section}.reference='other': its tokenizer .* differs from the policy's"
+    with pytest.raises(LmpipeError, match=message):
+        train(cfg)
+    assert not (root / "checkpoints").exists()

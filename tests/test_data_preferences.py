@@ -124,6 +124,8 @@ def write_jsonl(path, records):
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, ":2: field 'rejected' equals 'chosen'"),
         ({"prompt": "  ", "chosen": "a", "rejected": "b"}, ":2: field 'prompt' is empty"),
         ({"prompt": "p", "chosen": 3, "rejected": "b"}, ":2: field 'chosen' must be text"),
+        ({"prompt": "p", "chosen": " ", "rejected": "b"}, ":2: field 'chosen' is empty"),
+        ({"chosen": "a", "rejected": "b"}, ":2: missing field 'prompt'"),
     ],
 )
 def test_bad_user_records_are_one_line_errors_naming_record_and_field(tmp_path, record, message):
@@ -156,3 +158,8 @@ def test_pairs_longer_than_the_context(tmp_path):
         LmpipeError, match="u.jsonl: pair 'l': prompt \\+ chosen is .* longer than the context"
     ):
         check_lengths([short, long], tok, CHAT_TEMPLATE, 40, "u.jsonl")
+    long_rejected = dict(short, id="r", rejected="New " * 40)
+    with pytest.raises(
+        LmpipeError, match="u.jsonl: pair 'r': prompt \\+ rejected is .* longer than the context"
+    ):
+        check_lengths([long_rejected], tok, CHAT_TEMPLATE, 40, "u.jsonl")

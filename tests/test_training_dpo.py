@@ -1,11 +1,9 @@
-import json
 import math
-import shutil
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from post_training_inputs import make_inputs, post_config
+from post_training_inputs import make_inputs, post_config, refuses_a_reference_with_another_tokenizer
 
 from lmpipe import config
 from lmpipe.errors import LmpipeError
@@ -68,22 +66,13 @@ def test_dpo_learns_the_preference_and_writes_test_metrics(tiny_config, inputs, 
     assert len(result.samples) == 1
 
 
-def test_beta_must_be_positive():
-    with pytest.raises(LmpipeError, match=r"dpo.beta=0.0: expected a value greater than 0"):
-        config.build(OmegaConf.create({"_target_": TARGET, "beta": 0.0}))
+@pytest.mark.parametrize("beta", [0.0, -0.1])
+def test_beta_must_be_positive(beta):
+    with pytest.raises(LmpipeError, match=rf"^dpo.beta={beta}: expected a value greater than 0"):
+        config.build(OmegaConf.create({"_target_": TARGET, "beta": beta}))
     assert DPOConfig().beta == 0.1
 
 
 def test_a_reference_with_another_tokenizer_is_a_one_line_error(tiny_config, inputs, tmp_path):
-    models = tmp_path / "models"
-    shutil.copytree(inputs.models, models)
-    shutil.copytree(models / "sft", models / "other")
-    tok = json.loads((models / "other" / "tokenizer.json").read_text())
-    tok["added_tokens"][0]["content"] = "<|other|>"
-    (models / "other" / "tokenizer.json").write_text(json.dumps(tok))
-    cfg = post_config(tiny_config, inputs, tmp_path, "dpo", TARGET, **FIELDS, reference="other")
-    cfg.paths.models = str(models)
-    with pytest.raises(
-        LmpipeError, match=r"dpo.reference='other': its tokenizer .* differs from the policy's"
-    ):
-        train_dpo(cfg)
+    cfg = post_config(tiny_config, inputs, tmp_path, "dpo", TARGET, **FIELDS)
+    refuses_a_reference_with_another_tokenizer(train_dpo, cfg, inputs, tmp_path, "dpo")

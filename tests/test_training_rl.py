@@ -1,6 +1,6 @@
 import pytest
 import torch
-from post_training_inputs import make_inputs, post_config
+from post_training_inputs import make_inputs, post_config, refuses_a_reference_with_another_tokenizer
 
 from lmpipe.formats import REWARD_HEAD_FILE
 from lmpipe.model import load_model
@@ -48,6 +48,11 @@ def test_group_advantages_are_normalised_within_each_prompt():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [5.0, 5.0, 5.0, 5.0]]))
     assert torch.allclose(adv[0].mean(), torch.tensor(0.0)) and adv[0, 0] > 0 > adv[0, 1]
     assert torch.equal(adv[1], torch.zeros(4))  # a group with one reward teaches nothing
+
+
+def test_a_reference_with_another_tokenizer_is_a_one_line_error(tiny_config, inputs, tmp_path):
+    cfg = post_config(tiny_config, inputs, tmp_path, "rl", TARGET, **FIELDS)
+    refuses_a_reference_with_another_tokenizer(train_rl, cfg, inputs, tmp_path, "rl")
 
 
 def test_rl_logs_reward_kl_and_length_per_step_and_is_seeded(tiny_config, inputs, tmp_path):
