@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train test test-fast compare-sft compare-encoder lint params ui bench lock clean help
+.PHONY: setup train test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -47,6 +47,19 @@ compare-sft: setup  ## fine-tune with every sft.method and compare them (metrics
 	done
 	$(BIN)/python pipelines/evaluate.py paths.metrics=metrics/sft-compare paths.plots=plots/sft-compare \
 	  'evaluate.variants=[models/pretrain,$(subst $(space),$(comma),$(addprefix models/sft-,$(METHODS)))]' $(OVERRIDES)
+
+REPLAYS := 0 0.125 0.25
+REPLAY_DIRS := $(addprefix models/sft-replay,$(REPLAYS))
+compare-replay: setup  ## fine-tune SFT with each sft.replay of REPLAYS (0 is the baseline) and compare them with the pretrained model (metrics/replay-compare/compare.md); OVERRIDES go to sft.py and evaluate.py
+	for r in $(REPLAYS); do \
+	  $(BIN)/python pipelines/sft.py sft.replay=$$r paths.sft=models/sft-replay$$r paths.checkpoints=checkpoints/sft-replay$$r \
+	    paths.metrics=metrics/replay-compare/$$r paths.plots=plots/replay-compare/$$r $(OVERRIDES) || exit 1; \
+	done
+	$(BIN)/python pipelines/evaluate.py paths.metrics=metrics/replay-compare paths.plots=plots/replay-compare \
+	  'evaluate.variants=[models/pretrain,$(subst $(space),$(comma),$(REPLAY_DIRS))]' \
+	  evaluate.speed=false evaluate.tfidf=false 'evaluate.encoders=[]' $(OVERRIDES)
+	$(BIN)/python -m lmpipe.training.replay_compare metrics/replay-compare models/pretrain \
+	  $(foreach r,$(REPLAYS),$(r)=models/sft-replay$(r))
 
 ENCODER_METHODS := full head lora
 compare-encoder: setup  ## fine-tune the encoder with every encoder.method and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py

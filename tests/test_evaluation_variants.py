@@ -3,7 +3,7 @@ import pytest
 from tiny_models import make_model_dir, tiny_tokenizer
 
 from lmpipe.errors import LmpipeError
-from lmpipe.evaluation.variants import load_variant, torch_variant_name
+from lmpipe.evaluation.variants import Variant, load_variant, torch_variant_name, unique_names
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,15 @@ def test_a_torch_model_directory_opens_with_every_interface(tmp_path):
 def test_a_directory_without_a_model_is_one_line(tmp_path):
     with pytest.raises(LmpipeError, match=r"no model.onnx or model.pt; expected a model directory"):
         load_variant(tmp_path)
+
+
+def test_variants_sharing_a_name_are_named_by_their_directory(tmp_path):
+    def variant(name, directory):
+        return Variant(name, tmp_path / directory, "torch", None, None, None, 0)
+
+    named = unique_names([variant("pretrained", "p"), variant("sft-full", "a"), variant("sft-full", "b")])
+    assert list(named) == ["pretrained", f"sft-full ({tmp_path / 'a'})", f"sft-full ({tmp_path / 'b'})"]
+    with pytest.raises(
+        LmpipeError, match=r"evaluate.variants lists .*/a twice; expected each model directory once"
+    ):
+        unique_names([variant("x", "a"), variant("y", "a")])

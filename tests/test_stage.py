@@ -227,19 +227,25 @@ def test_help_does_not_import_heavy_stacks(stage, overrides):
     assert proc.stdout.splitlines()[-1] == "", f"--help of {stage} imports {proc.stdout.splitlines()[-1]}"
 
 
-def test_make_compare_sft_overrides_pass_every_stage_it_runs(tmp_path):
-    # `make compare-sft` hands one OVERRIDES to sft.py and evaluate.py: each must accept the whole command line.
-    # A stand-in for .venv/bin runs every `python pipelines/<stage>.py ...` of the recipe with --help.
+@pytest.mark.parametrize(
+    ("target", "modules"),
+    [("compare-sft", []), ("compare-replay", ["-m lmpipe.training.replay_compare"])],
+)
+def test_make_compare_overrides_pass_every_stage_it_runs(tmp_path, target, modules):
+    # `make compare-sft` (and compare-replay) hands one OVERRIDES to sft.py and evaluate.py: each must accept the
+    # whole command line. A stand-in for .venv/bin runs every `python pipelines/<stage>.py ...` of the recipe
+    # with --help (and only logs a `python -m module`).
     fake = tmp_path / "bin"
     fake.mkdir()
     log = tmp_path / "calls"
     (fake / "python").write_text(
-        f'#!/bin/sh\necho "$1" >> {log}\nscript="$1"; shift\nexec {sys.executable} "$script" --help "$@" >/dev/null\n'
+        f'#!/bin/sh\nif [ "$1" = -m ]; then echo "-m $2" >> {log}; exit 0; fi\necho "$1" >> {log}\n'
+        f'script="$1"; shift\nexec {sys.executable} "$script" --help "$@" >/dev/null\n'
     )
     (fake / "python").chmod(0o755)
     (fake / ".installed").touch()  # newer than requirements.lock: `setup` has nothing to do
     proc = subprocess.run(
-        ["make", "-s", "compare-sft", f"BIN={fake}", "OVERRIDES=experiment=smoke"],
+        ["make", "-s", target, f"BIN={fake}", "OVERRIDES=experiment=smoke"],
         cwd=ROOT,
         env=script_env(),
         capture_output=True,
@@ -247,7 +253,8 @@ def test_make_compare_sft_overrides_pass_every_stage_it_runs(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(set(log.read_text().split())) == ["pipelines/evaluate.py", "pipelines/sft.py"]
+    calls = set(log.read_text().splitlines())
+    assert sorted(calls) == sorted(["pipelines/evaluate.py", "pipelines/sft.py", *modules])
 
 
 def test_missing_section_returns_2(repo, capsys):

@@ -272,13 +272,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def variant_table(rows: dict[str, dict], columns: list[tuple[str, str]]) -> str:
-    """A markdown table: one row per variant, one column per (key path such as "book.f1_macro", header).
+def variant_table(rows: dict[str, dict], columns: list[tuple[str, str]], first: str = "variant") -> str:
+    """A markdown table: one row per variant, one column per (key path such as "book.f1_macro", header);
+    `first` heads the column of the row names.
 
     Missing values show as "—", floats with 3 decimals.
     """
     lines = [
-        "| variant | " + " | ".join(header for _, header in columns) + " |",
+        f"| {first} | " + " | ".join(header for _, header in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for name, row in rows.items():

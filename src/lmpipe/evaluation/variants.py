@@ -5,6 +5,7 @@ classification heads when transfer learning made some.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,23 @@ def torch_variant_name(extra: dict) -> str:
     if stage == "distill":
         return extra["variant"]
     return {"pretrain": "pretrained"}.get(stage, stage or "model")
+
+
+def unique_names(variants: list[Variant]) -> dict[str, Variant]:
+    """Name -> variant, in order; variants sharing a name (two SFT runs: `make compare-replay`) are each
+    renamed `<name> (<directory>)`, and a directory listed twice is a one-line error."""
+    seen: set[Path] = set()
+    for v in variants:
+        if v.directory.resolve() in seen:
+            raise LmpipeError(
+                f"evaluate.variants lists {v.directory} twice; expected each model directory once"
+            )
+        seen.add(v.directory.resolve())
+    counts = Counter(v.name for v in variants)
+    for v in variants:
+        if counts[v.name] > 1:
+            v.name = f"{v.name} ({v.directory})"
+    return {v.name: v for v in variants}
 
 
 def load_variant(directory: str | Path, threads: int = 0) -> Variant:
