@@ -49,10 +49,14 @@ def test_choice_logliks_match_the_torch_scorer(scorers):
     np.testing.assert_allclose(ort_scorer.choice_logliks(PROMPTS[0], LABELS), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_generate_matches_the_torch_scorer(scorers):
+@pytest.mark.parametrize("max_batch", [16, 2])
+def test_generate_matches_the_torch_scorer(scorers, max_batch):
     torch_scorer, ort_scorer = scorers
-    expected = torch_scorer.generate(PROMPTS, max_new_tokens=12)
-    assert ort_scorer.generate(PROMPTS, max_new_tokens=12) == expected
+    # The ORT scorer decodes prompts of different lengths together (left-padded); the torch one, one by one.
+    ort_scorer.max_batch = max_batch
+    prompts = PROMPTS + PROMPTS[::-1]
+    expected = torch_scorer.generate(prompts, max_new_tokens=12)
+    assert ort_scorer.generate(prompts, max_new_tokens=12) == expected
     assert any(expected)
 
 

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 from tiny_models import make_model_dir
 
@@ -23,6 +25,7 @@ def test_language_modelling_only_gives_the_rows_the_report_and_the_samples(model
         num_samples=2,
         sample_tokens=4,
         sample_prompts=["the"],
+        workers=1,
     )
     heard = []
     ev = evaluate_all(cfg, tiny_tokens, tmp_path / "no-instructions", seed=0, log=heard.append)
@@ -38,7 +41,21 @@ def test_language_modelling_only_gives_the_rows_the_report_and_the_samples(model
     assert len(ev.samples) == 2 and ev.confusion == {}
 
 
+def test_scoring_in_worker_processes_gives_what_scoring_in_process_gives(model_dir, tiny_tokens, tmp_path):
+    shutil.copytree(model_dir, tmp_path / "copy")
+    common = dict(
+        variants=[str(model_dir), str(tmp_path / "copy")], ngram_orders=[2], tasks=False, speed=False
+    )
+    inline = evaluate_all(EvaluateConfig(**common, workers=1), tiny_tokens, tmp_path, seed=0).results["lm"]
+    pooled = evaluate_all(EvaluateConfig(**common, workers=2), tiny_tokens, tmp_path, seed=0).results["lm"]
+    assert pooled.keys() == inline.keys()
+    for name, row in inline.items():  # a worker's torch runs on fewer threads: sums may differ in rounding
+        assert pooled[name] == {k: pytest.approx(v, rel=1e-9) for k, v in row.items()}
+
+
 def test_speed_is_measured_when_asked(model_dir, tiny_tokens, tmp_path):
-    cfg = EvaluateConfig(variants=[str(model_dir)], ngram_orders=[1], tasks=False, speed=True, num_samples=0)
+    cfg = EvaluateConfig(
+        variants=[str(model_dir)], ngram_orders=[1], tasks=False, speed=True, num_samples=0, workers=1
+    )
     row = evaluate_all(cfg, tiny_tokens, tmp_path, seed=0).results["variants"]["test"]
     assert row["decode_tok_s_b1"] > 0 and row["prefill_ms_p50"] > 0

@@ -137,20 +137,25 @@ RESUMABLE = (
 )
 
 
-def test_resume_after_interruption_continues_exactly(tiny_config, tmp_path, extra_callbacks):
-    full = pretrain(tiny_config(*RESUMABLE, root=tmp_path / "full"))
+# The smoke experiment trains eagerly; the default run compiles the loss and uses the fused AdamW.
+PERF_DEFAULTS = ("perf.compile=true", "perf.optimizer_kernel=fused")
+
+
+@pytest.mark.parametrize("perf", [(), PERF_DEFAULTS], ids=["eager", "compiled-fused"])
+def test_resume_after_interruption_continues_exactly(tiny_config, tmp_path, extra_callbacks, perf):
+    full = pretrain(tiny_config(*RESUMABLE, *perf, root=tmp_path / "full"))
 
     # Killed 3 steps after the checkpoint of step 10, in the first epoch; the resumed run crosses into the next.
     extra_callbacks(KillAt(13))
     with pytest.raises(Killed):
-        pretrain(tiny_config(*RESUMABLE, root=tmp_path / "killed"))
+        pretrain(tiny_config(*RESUMABLE, *perf, root=tmp_path / "killed"))
     ckpt_dir = tmp_path / "killed" / "checkpoints" / "pretrain"
     saved_step = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"]
     assert saved_step == 10 < EPOCH
 
     steps = StepLog()
     extra_callbacks(steps)
-    resumed = pretrain(tiny_config(*RESUMABLE, root=tmp_path / "killed"))
+    resumed = pretrain(tiny_config(*RESUMABLE, *perf, root=tmp_path / "killed"))
     assert resumed.metrics["resumed"] is True
     assert steps.steps == list(range(saved_step, 20))
     assert resumed.metrics["steps"] == 20

@@ -54,6 +54,9 @@ class EvaluateConfig:
     threads: Annotated[int, Field(ge=0)] = 1
     """Intra-op threads of every variant (ONNX Runtime sessions, and PyTorch while its speed is measured); 0 =
     each runtime's default. One is fastest for these small models on 2 cores (int8 most of all)."""
+    workers: Annotated[int, Field(ge=0)] = 0
+    """Processes that score variants (perplexity, tasks) and fit the n-gram baseline side by side, each with
+    `threads` threads; 0 = one per core, 1 = all in this process. Speed is then measured one variant at a time."""
 
 
 def _row(total_nats: float, n_tokens: int, n_bytes: int, **extra) -> dict:

@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +93,7 @@ def evaluate_all(
     """Score every variant of `ecfg.variants` on the test split of `tokens_dir` and the held-out examples of
     `instructions_dir`; `log` hears one line per variant with its time, since the whole takes minutes."""
     variants = {v.name: v for v in (load_variant(d, ecfg.threads) for d in ecfg.variants)}
-    ngram = ngram_baseline(tokens_dir, list(ecfg.ngram_orders))
-    lm_rows = {
-        name: model_row(v.lm, tokens_dir, ecfg.batch_size, ecfg.stride) for name, v in variants.items()
-    }
-
-    task_rows, confusion, skipped, encoder_rows = {}, {}, {}, {}
+    tasks, skipped, label_sets = None, {}, {}
     if ecfg.tasks:
         label_sets = read_label_sets(instructions_dir)
         smallest = min(variants.values(), key=lambda v: v.scorer.block_size).scorer
@@ -105,18 +104,36 @@ def evaluate_all(
             label_sets,
             ecfg.max_new_tokens,
         )
-        for name, v in variants.items():
-            started = time.perf_counter()
-            task_rows[name], confusion[name] = evaluate_variant(
-                test, label_sets, mc_items, v.scorer, v.heads, ecfg.max_new_tokens
-            )
-            log(f"evaluate: tasks on {name} ({time.perf_counter() - started:.0f} s)")
-        if ecfg.tfidf:
-            task_rows["tf-idf + logistic regression"], _ = evaluate_tfidf(
-                read_examples(instructions_dir, "train"), test, label_sets, seed
-            )
+        tasks = (test, label_sets, mc_items, ecfg.max_new_tokens)
+
+    # Scoring is most of the stage's time and each variant's is independent of the others: it runs in
+    # `workers` processes, and nothing timed (speed, encoder latency) runs until they are done.
+    workers, threads = _worker_layout(ecfg.workers, ecfg.threads)
+    with _pool(workers, threads) as pool:
+        ngram_job = _submit(pool, ngram_baseline, tokens_dir, list(ecfg.ngram_orders))
+        tfidf_job = None
+        if tasks is not None and ecfg.tfidf:
+            train = read_examples(instructions_dir, "train")
+            tfidf_job = _submit(pool, evaluate_tfidf, train, tasks[0], label_sets, seed)
+        common = (threads, tokens_dir, ecfg.batch_size, ecfg.stride, tasks)
+        jobs = {name: _submit(pool, score_variant, str(v.directory), *common) for name, v in variants.items()}
+        scored = {}
+        for name, job in jobs.items():
+            scored[name] = job.result()
+            if tasks is not None:
+                log(f"evaluate: tasks on {name} ({scored[name]['seconds']:.0f} s)")
+        ngram = ngram_job.result()
+        tfidf = tfidf_job.result()[0] if tfidf_job is not None else None
+
+    lm_rows = {name: row["lm"] for name, row in scored.items()}
+    task_rows, confusion, encoder_rows = {}, {}, {}
+    if tasks is not None:
+        task_rows = {name: row["tasks"] for name, row in scored.items()}
+        confusion = {name: row["confusion"] for name, row in scored.items()}
+        if tfidf is not None:
+            task_rows["tf-idf + logistic regression"] = tfidf
         for directory in ecfg.encoders:
-            name, encoder_rows[name], task_rows[name] = _encoder_rows(directory, test, label_sets, log)
+            name, encoder_rows[name], task_rows[name] = _encoder_rows(directory, tasks[0], label_sets, log)
 
     overview = {}
     for name, v in variants.items():
@@ -161,6 +178,67 @@ def evaluate_all(
         report += "\n# Encoder classifiers (label tasks)\n\n" + variant_table(encoder_rows, ENCODER_COLUMNS)
     finetuned = next((n for n in variants if n.startswith("sft-")), next(reversed(variants)))
     return Evaluation(results, report, samples, confusion.get(finetuned, {}))
+
+
+def score_variant(
+    directory: str, threads: int, tokens_dir: Path, batch_size: int, stride: int, tasks: tuple | None
+) -> dict:
+    """Test perplexity ("lm") and, given `tasks` = (examples, label sets, MC items, max new tokens), the task
+    metrics and confusion rows of the variant in `directory`, with the seconds it took: one worker's job."""
+    started = time.perf_counter()
+    variant = load_variant(directory, threads)
+    scored = {"lm": model_row(variant.lm, tokens_dir, batch_size, stride)}
+    if tasks is not None:
+        test, label_sets, mc_items, max_new_tokens = tasks
+        scored["tasks"], scored["confusion"] = evaluate_variant(
+            test, label_sets, mc_items, variant.scorer, variant.heads, max_new_tokens
+        )
+    scored["seconds"] = time.perf_counter() - started
+    return scored
+
+
+def _worker_layout(workers: int, threads: int) -> tuple[int, int]:
+    """(processes, threads per process): `workers` 0 means one per core; with several processes, `threads` 0
+    (each runtime's default, every core) becomes a share of the cores, so they do not oversubscribe them."""
+    cores = os.cpu_count() or 1
+    workers = workers or cores
+    if workers > 1 and threads == 0:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+class _Done:
+    """A job run on the spot, for working without a pool: it answers `.result()` as a future does."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def _submit(pool: ProcessPoolExecutor | None, fn: Callable, *args):
+    return pool.submit(fn, *args) if pool is not None else _Done(fn(*args))
+
+
+def _pool(workers: int, threads: int):
+    """A pool of `workers` processes, or (for one) a context that gives None: jobs then run on the spot."""
+    if workers <= 1:
+        return contextlib.nullcontext()
+    # spawn, not fork: a forked copy of a process whose torch thread pool has run can hang.
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_torch_threads,
+        initargs=(threads,),
+    )
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _task_notes(task_rows: dict, skipped: dict) -> str:
