@@ -71,6 +71,7 @@ def test_markdown_table_rounds_for_reading_and_leaves_gaps_blank():
         ({"stride": -1}, "evaluate.stride=-1: expected a value greater than or equal to 0"),
         ({"tasks": "yes"}, "evaluate.tasks='yes': expected a valid boolean"),
         ({"shuffle": True}, "evaluate.shuffle: unknown field"),
+        ({"post_training": {"dpo": "models/dpo"}}, r"evaluate.post_training=.*: expected a step named sft"),
     ],
 )
 def test_evaluate_config_errors_name_the_field(kwargs, message):

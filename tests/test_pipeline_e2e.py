@@ -125,6 +125,10 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
         assert tasks[name]["mc"]["n"] == 20 - report["skipped_too_long"].get("mc", 0) > 10
     assert (path / "plots/confusion/book.csv").read_text().startswith("actual,predicted\n")
     assert set(report["variants"]) == variants
+    steps = report["post_training"]  # the alignment tax: sft, dpo and rl exports side by side
+    assert list(steps) == ["pretrained", "sft", "dpo", "rl"] and steps["rl"]["variant"] == "onnx-rl"
+    assert steps["dpo"]["ppl_ratio_vs_sft"] == steps["dpo"]["test_ppl"] / steps["sft"]["test_ppl"]
+    assert "# Post-training steps: the alignment tax" in (path / "metrics/evaluate.md").read_text()
     for row in report["variants"].values():
         assert row["decode_tok_s_b1"] > 0 and row["prefill_ms_p95"] >= row["prefill_ms_p50"] > 0
     register = json.loads((path / "metrics/register.json").read_text())

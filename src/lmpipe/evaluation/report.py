@@ -14,6 +14,8 @@ from typing import Annotated
 from pydantic import Field
 
 from lmpipe.config import schema
+from lmpipe.errors import LmpipeError
+from lmpipe.evaluation.alignment import SFT_STEP
 from lmpipe.evaluation.lm import bits_per_byte, model_nll, perplexity
 from lmpipe.evaluation.ngram import KneserNeyLM, select_order
 from lmpipe.tokenizer import read_meta, read_shard
@@ -54,9 +56,26 @@ class EvaluateConfig:
     threads: Annotated[int, Field(ge=0)] = 1
     """Intra-op threads of every variant (ONNX Runtime sessions, and PyTorch while its speed is measured); 0 =
     each runtime's default. One is fastest for these small models on 2 cores (int8 most of all)."""
+    post_training: dict[Annotated[str, Field(min_length=1)], str] = field(
+        default_factory=lambda: {
+            "pretrained": "models/pretrain",
+            "sft": "models/onnx/teacher",
+            "dpo": "models/onnx/dpo",
+            "rl": "models/onnx/rl",
+        }
+    )
+    """Step -> its model directory among `variants`, in training order: the alignment-tax table (perplexity and
+    task accuracy after each step, ratios to the step `sft`); shown when `sft` and another step are evaluated."""
     workers: Annotated[int, Field(ge=0)] = 0
     """Processes that score variants (perplexity, tasks) and fit the n-gram baseline side by side, each with
     `threads` threads; 0 = one per core, 1 = all in this process. Speed is then measured one variant at a time."""
+
+    def __post_init__(self):
+        if self.post_training and SFT_STEP not in self.post_training:
+            raise LmpipeError(
+                f"evaluate.post_training={self.post_training}: expected a step named {SFT_STEP} (the ratios are "
+                "to it)"
+            )
 
 
 def _row(total_nats: float, n_tokens: int, n_bytes: int, **extra) -> dict:

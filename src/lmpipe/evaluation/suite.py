@@ -6,6 +6,8 @@
    probabilities over each label set, exact match of generated answers, word-overlap F1 on free text, and
    multiple-choice accuracy by log-likelihood, beside a TF-IDF + logistic regression baseline.
 3. Cost: parameters, file size, decode tokens/s at batch 1 and 8, prefill latency p50/p95.
+4. The alignment tax: the steps of `evaluate.post_training` (pretrained, SFT, DPO, RL) side by side, test
+   perplexity after each with its ratio to SFT's, beside book and multiple-choice accuracy (from the rows above).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe.data.instructions import read_examples, read_label_sets, read_mc_jsonl
+from lmpipe.evaluation.alignment import alignment_report, post_training
 from lmpipe.evaluation.benchmark import evaluate_encoder, evaluate_tfidf, evaluate_variant, fitting
 from lmpipe.evaluation.report import EvaluateConfig, markdown_table, model_row, ngram_baseline
 from lmpipe.evaluation.speed import measure, torch_threads
 from lmpipe.evaluation.tasks import variant_table
-from lmpipe.evaluation.variants import load_variant
+from lmpipe.evaluation.variants import load_variant, unique_names
 from lmpipe.formats import EOT, MC_FILE
 from lmpipe.text_samples import generate_samples
 
@@ -74,7 +77,8 @@ ENCODER_COLUMNS = [
 @dataclass
 class Evaluation:
     results: dict
-    """Everything measured (the stage's evaluate.json): lm, tasks, variants, skipped_too_long, ppl ratios."""
+    """Everything measured (the stage's evaluate.json): lm, tasks, variants (with each one's directory),
+    skipped_too_long, ppl ratios, and post_training (the alignment tax, `lmpipe.evaluation.alignment`)."""
     report: str
     """The tables in markdown (evaluate.md)."""
     samples: list
@@ -92,7 +96,7 @@ def evaluate_all(
 ) -> Evaluation:
     """Score every variant of `ecfg.variants` on the test split of `tokens_dir` and the held-out examples of
     `instructions_dir`; `log` hears one line per variant with its time, since the whole takes minutes."""
-    variants = {v.name: v for v in (load_variant(d, ecfg.threads) for d in ecfg.variants)}
+    variants = unique_names([load_variant(d, ecfg.threads) for d in ecfg.variants])
     tasks, skipped, label_sets = None, {}, {}
     if ecfg.tasks:
         label_sets = read_label_sets(instructions_dir)
@@ -139,6 +143,7 @@ def evaluate_all(
     for name, v in variants.items():
         tasks = task_rows.get(name, {})
         overview[name] = {
+            "directory": str(v.directory),
             "parameters": lm_rows[name]["parameters"],
             "file_mb": v.file_bytes / 2**20,
             "test_ppl": lm_rows[name]["test_ppl"],
@@ -166,6 +171,7 @@ def evaluate_all(
         "encoders": encoder_rows,
         "ppl_ratio_vs_ngram": {k: v["test_ppl"] / ngram["test_ppl"] for k, v in lm_rows.items()},
     }
+    results["post_training"], missing_steps = post_training(results, ecfg.post_training)
     report = "# Model variants\n\n" + variant_table(overview, OVERVIEW_COLUMNS)
     report += "\n# Test-split language modelling\n\n" + markdown_table(lm_rows, LM_COLUMNS)
     if task_rows:
@@ -174,6 +180,8 @@ def evaluate_all(
             + variant_table(task_rows, TASK_COLUMNS)
             + _task_notes(task_rows, skipped)
         )
+    if results["post_training"]:
+        report += alignment_report(results["post_training"], missing_steps, ecfg.post_training)
     if encoder_rows:
         report += "\n# Encoder classifiers (label tasks)\n\n" + variant_table(encoder_rows, ENCODER_COLUMNS)
     finetuned = next((n for n in variants if n.startswith("sft-")), next(reversed(variants)))
