@@ -68,6 +68,11 @@ def test_tiny_run_writes_consistent_results(tmp_path):
         rate = {variant: run["tokens_per_sec"] for variant, run in runs.items()}
         assert model["speedup_vs_baseline"] == pytest.approx(rate["all_on"] / rate["baseline"])
         assert model["lightning_vs_raw"] == pytest.approx(rate["all_on"] / rate["raw_loop"])
+        assert model["lightning_vs_raw_median_step"] == pytest.approx(
+            runs["raw_loop"]["median_step_seconds"] / runs["all_on"]["median_step_seconds"]
+        )
+        for run in runs.values():  # --repeats 1: each variant's one run is its fastest
+            assert run["repeats_tokens_per_sec"] == [run["tokens_per_sec"]]
         assert model["speedup_by_switch"] == pytest.approx(
             {s: rate[f"only_{s}"] / rate["baseline"] for s in SWITCHES}
         )
