@@ -4,9 +4,11 @@ Each directory of `register.variants` under `paths.onnx` becomes a version (a py
 `mlflow models serve` runs), tagged with its evaluate.json metrics and described by a model card. The new
 version of `register.candidate` gets alias `candidate`, and takes alias `champion` only if it beats the
 current champion on `register.metric` by more than `register.min_improvement`. The card describes the corpus
-from the `data` section the pipeline prepared it with.
+from the `data` section the pipeline prepared it with. The encoder classifier (`register.classifier`, by
+default the int8 one) becomes a new version of its own registered model, `register.classifier_model_name`,
+with alias `champion`.
 
-Outs: <paths.metrics>/register.json (versions, aliases, the gate's decision).
+Outs: <paths.metrics>/register.json (versions, aliases, the gate's decision; the classifier's version).
 """
 
 import json
@@ -23,6 +25,7 @@ def main(cfg):
     import mlflow
 
     from lmpipe import registry
+    from lmpipe.encoder.serving import read_classifier_config
     from lmpipe.inference.onnx_dir import read_onnx_config
     from lmpipe.model_card import model_card
 
@@ -37,6 +40,8 @@ def main(cfg):
     model_dirs = {v: onnx / v for v in rcfg.variants}
     for model_dir in model_dirs.values():
         read_onnx_config(model_dir)
+    if rcfg.classifier:
+        read_classifier_config(rcfg.classifier)
     value = registry.lookup_metric(evaluation, rcfg.candidate, rcfg.metric, source=str(source))
 
     commit, dirty = tracking.git_commit()
@@ -62,11 +67,15 @@ def main(cfg):
             "aliases": aliases,
             "decision": decision,
         }
+        if rcfg.classifier:
+            result["classifier"] = registry.log_classifier(rcfg.classifier, rcfg, provenance)
         atomic.write_json(metrics_dir / "register.json", result)
     print(
         f"register: {rcfg.model_name} v{versions[rcfg.candidate]} ({rcfg.candidate}) "
         f"{'promoted to champion' if decision['promoted'] else 'not promoted'}: {decision['reason']}"
     )
+    if rcfg.classifier:
+        print(f"register: {rcfg.classifier_model_name} v{result['classifier']['version']} is the champion")
 
 
 if __name__ == "__main__":

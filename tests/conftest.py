@@ -120,3 +120,17 @@ def tiny_config(tiny_overrides) -> Callable[..., DictConfig]:
         return config.compose([*base, *overrides], conf_dir=CONF_DIR)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def onnx_classifier(tiny_tokens, tmp_path_factory):
+    """(the tiny encoder classifier of tiny_models, its ONNX directory): exported once for the session (an
+    export takes seconds); the directory is read-only."""
+    from tiny_models import tiny_encoder_classifier
+
+    from lmpipe.encoder.onnx import export_classifier
+
+    classifier = tiny_encoder_classifier(tiny_tokens)
+    out = tmp_path_factory.mktemp("encoder-onnx") / "onnx"
+    export_classifier(classifier, out)
+    return classifier, out

@@ -216,7 +216,8 @@ def test_serve_builds_its_config_from_the_options(monkeypatch, capsys):
     served = []
     monkeypatch.setattr(serve, "serve", served.append)
     argv = ["serve", "--model", "models:/teacher@champion", "--port", "9001", "--host", "0.0.0.0"]
-    assert cli.main([*argv, "--threads", "2", "--max-tokens-limit", "64", "--max-batch", "4"]) == 0
+    options = ["--threads", "2", "--max-tokens-limit", "64", "--max-batch", "4"]
+    assert cli.main([*argv, *options, "--classifier", "models:/lmpipe-classifier@champion"]) == 0
     assert served == [
         serve.ServeConfig(
             model="models:/teacher@champion",
@@ -225,10 +226,12 @@ def test_serve_builds_its_config_from_the_options(monkeypatch, capsys):
             threads=2,
             max_tokens_limit=64,
             max_batch=4,
+            classifier="models:/lmpipe-classifier@champion",
         )
     ]
     assert cli.main(["serve"]) == 0
     assert served[-1] == serve.ServeConfig() and serve.ServeConfig().model == cli.DEFAULT_MODEL
+    assert serve.ServeConfig().classifier == ""  # no /v1/classify unless asked for
     assert cli.main(["serve", "--port", "0"]) == 2
     assert (
         capsys.readouterr().err

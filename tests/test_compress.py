@@ -1,15 +1,19 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto
-from tiny_models import export_tiny_model
+from registry_store import open_store
+from tiny_models import export_tiny_model, write_label_examples
 
 from lmpipe.compress import PruneConfig, QuantizeConfig, prune_model, quantize_onnx
 from lmpipe.errors import LmpipeError
 from lmpipe.export import ExportConfig
+from lmpipe.formats import CLASSIFIER_INT8_DIR
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
 from lmpipe.model import GPT, GPTConfig
@@ -150,6 +154,48 @@ def test_quantize_errors_leave_the_destination_untouched(exported, dynamic, tmp_
     with pytest.raises(LmpipeError, match="missing .*model.onnx"):
         quantize_onnx(tmp_path / "nothing", tmp_path / "out", QuantizeConfig(), None)
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_stage_writes_the_variants_and_the_classifier(
+    exported, onnx_classifier, tmp_path, mlflow_template_db, monkeypatch
+):
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)  # git lookups and relative paths stay out of the repository
+    spec = importlib.util.spec_from_file_location(
+        "stage_quantize", Path(__file__).resolve().parents[1] / "pipelines" / "quantize.py"
+    )
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    shutil.copytree(exported[1], tmp_path / "onnx" / "tiny")
+    shutil.copytree(onnx_classifier[1], tmp_path / "encoder" / "onnx")
+    paths = {
+        "onnx": str(tmp_path / "onnx"),
+        "encoder": str(tmp_path / "encoder"),
+        "instructions": str(write_label_examples(tmp_path / "instructions")),
+        "tokens": str(tmp_path / "tokens"),
+        "metrics": str(tmp_path / "metrics"),
+    }
+    for uri, _ in open_store(tmp_path, mlflow_template_db, monkeypatch):
+        logger = {"_target_": "lmpipe.tracking.TrackingConfig", "tracking_uri": uri, "experiment_name": "q"}
+        logger["artifact_location"] = str(tmp_path / "art")
+        quantize = {"_target_": "lmpipe.compress.QuantizeConfig", "variants": ["tiny"]}
+        cfg = OmegaConf.create({"paths": paths, "quantize": quantize, "logger": logger})
+        # Without the classifier's ONNX export the stage stops before writing anything.
+        shutil.move(tmp_path / "encoder" / "onnx", tmp_path / "elsewhere")
+        with pytest.raises(LmpipeError, match=r"missing .*onnx/model.onnx: .*encoder.export_onnx=true"):
+            stage.main(cfg)
+        assert not (tmp_path / "onnx" / "tiny-int8").exists() and not (tmp_path / "metrics").exists()
+        shutil.move(tmp_path / "elsewhere", tmp_path / "encoder" / "onnx")
+        stage.main(cfg)
+    report = json.loads((tmp_path / "metrics" / "quantize.json").read_text())
+    assert set(report) == {"tiny", "classifier"} and report["tiny"]["ratio"] < 0.35
+    agreement = report["classifier"]["agreement"]
+    assert agreement["texts"] == 3 and set(agreement["tasks"]) == {"testament", "book"}
+    config = json.loads((tmp_path / "onnx" / CLASSIFIER_INT8_DIR / "config.json").read_text())
+    assert config["quantization"] == "dynamic-int8" and config["agreement"] == agreement
 
 
 @pytest.mark.parametrize(

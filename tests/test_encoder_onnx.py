@@ -5,41 +5,15 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
-from lmpipe.encoder.classifier import EncoderClassifier
-from lmpipe.encoder.config import EncoderConfig
-from lmpipe.encoder.model import Encoder
-from lmpipe.encoder.onnx import _batch, export_classifier
-from lmpipe.encoder.tokens import EncoderTokenizer
-from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE, PAD, TOKENIZER_FILE
-from lmpipe.training.heads import ClassificationHeads
-
-
-def tiny_classifier(tokens_dir) -> EncoderClassifier:
-    """A random two-layer encoder classifier with two tasks over the tiny char tokenizer."""
-    tokenizer = EncoderTokenizer.from_file(tokens_dir / TOKENIZER_FILE, PAD)
-    torch.manual_seed(0)
-    config = EncoderConfig(
-        vocab_size=tokenizer.vocab_size,
-        pad_id=tokenizer.pad_id,
-        block_size=96,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-    )
-    heads = ClassificationHeads(32, {"testament": 2, "book": 3}, seed=0)
-    labels = {"testament": ["Old", "New"], "book": ["Genesis", "John", "Mark"]}
-    return EncoderClassifier(Encoder(config), heads, tokenizer, labels, max_length=96)
+from lmpipe.encoder.onnx import _batch
+from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_tokens, tmp_path_factory):
-    """(the tiny classifier, its ONNX directory), exported once per test module."""
-    classifier = tiny_classifier(tiny_tokens)
-    out = tmp_path_factory.mktemp("onnx") / "onnx"
-    export_classifier(classifier, out)
-    return classifier, out
+def exported(onnx_classifier):
+    """(the tiny classifier, its ONNX directory): conftest's session-wide export."""
+    return onnx_classifier
 
 
 def test_export_matches_torch_on_other_shapes(exported):

@@ -144,6 +144,10 @@ def test_metrics_are_looked_up_in_the_variants_rows():
         ),
         ({"min_improvement": float("inf")}, r"register.min_improvement=inf: expected a finite number"),
         ({"model_name": "a/b"}, r"register.model_name='a/b': expected letters, digits"),
+        (
+            {"classifier_model_name": "lmpipe"},
+            r"register.classifier_model_name='lmpipe': expected a registered model other than",
+        ),
     ],
 )
 def test_register_config_rejects_bad_fields(kwargs, message):
@@ -157,7 +161,7 @@ def test_log_model_needs_an_active_run(onnx_dir, tmp_path):
 
 
 def test_register_stage_logs_every_variant_and_gates_the_candidate(
-    onnx_dir, store, tmp_path, monkeypatch, capsys
+    onnx_dir, onnx_classifier, store, tmp_path, monkeypatch, capsys
 ):
     import importlib.util
 
@@ -172,6 +176,7 @@ def test_register_stage_logs_every_variant_and_gates_the_candidate(
     spec.loader.exec_module(stage)
     for name in ("tiny", "small"):
         shutil.copytree(onnx_dir, tmp_path / "onnx" / name)
+    classifier = tmp_path / "onnx" / "classifier-int8"
     cfg = OmegaConf.create(
         {
             "seed": 0,
@@ -181,6 +186,7 @@ def test_register_stage_logs_every_variant_and_gates_the_candidate(
                 "_target_": "lmpipe.registry.RegisterConfig",
                 "variants": ["tiny", "small"],
                 "candidate": "tiny",
+                "classifier": str(classifier),
             },
             "logger": {
                 "_target_": "lmpipe.tracking.TrackingConfig",
@@ -192,6 +198,10 @@ def test_register_stage_logs_every_variant_and_gates_the_candidate(
     )
     client = mlflow.MlflowClient()
     # A missing input stops the stage before anything is registered.
+    write_json(tmp_path / "metrics" / "evaluate.json", evaluation(0.5))
+    with pytest.raises(LmpipeError, match=r"missing .*classifier-int8/model.onnx: expected an ONNX encoder"):
+        stage.main(cfg)
+    shutil.copytree(onnx_classifier[1], classifier)
     write_json(tmp_path / "metrics" / "evaluate.json", {"tasks": {}})
     with pytest.raises(LmpipeError, match=r"no tasks.book.f1_macro for row 'onnx-tiny'"):
         stage.main(cfg)
@@ -202,7 +212,14 @@ def test_register_stage_logs_every_variant_and_gates_the_candidate(
     first = json.loads((tmp_path / "metrics" / "register.json").read_text())
     assert first["versions"] == {"tiny": "1", "small": "2"}
     assert first["aliases"] == {"candidate": "1", "champion": "1"} and first["decision"]["promoted"] is True
-    assert "promoted to champion" in capsys.readouterr().out
+    # The classifier is a version of its own registered model, never of the generative one.
+    expected = {"model_name": "lmpipe-classifier", "version": "1", "aliases": {"champion": "1"}}
+    assert first["classifier"] == expected
+    out = capsys.readouterr().out
+    assert "promoted to champion" in out and "lmpipe-classifier v1 is the champion" in out
+    tags = client.get_model_version("lmpipe-classifier", "1").tags
+    assert tags["variant"] == "classifier-int8" and tags["tasks"] == "testament,book"
+    assert float(tags["metric.parity.max_abs_prob_diff"]) < 1e-5
 
     write_json(tmp_path / "metrics" / "evaluate.json", evaluation(0.3))
     stage.main(cfg)
@@ -212,6 +229,8 @@ def test_register_stage_logs_every_variant_and_gates_the_candidate(
         second["aliases"] == {"candidate": "3", "champion": "1"} and second["decision"]["promoted"] is False
     )
     assert "v3 (tiny) not promoted" in capsys.readouterr().out
+    assert second["classifier"]["version"] == "2" and second["classifier"]["aliases"] == {"champion": "2"}
+    assert sorted(m.name for m in client.search_registered_models()) == ["lmpipe", "lmpipe-classifier"]
     assert client.get_model_version("lmpipe", "4").tags["variant"] == "small"
     # The card describes the corpus the run's `data` section configured, not a fixed one.
     description = client.get_model_version("lmpipe", "4").description

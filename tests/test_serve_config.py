@@ -23,6 +23,7 @@ def test_serve_config_defaults():
         ("max_tokens_limit", 0),
         ("max_batch", 0),
         ("max_batch", True),
+        ("classifier", " "),
     ],
 )
 def test_serve_config_rejects_bad_fields(field, value):

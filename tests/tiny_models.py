@@ -1,4 +1,5 @@
-"""Tiny GPTs for the tests that need a real model directory or ONNX export but not a trained model.
+"""Tiny GPTs (and a tiny encoder classifier) for the tests that need a real model directory or ONNX export but
+not a trained model.
 
 Not a test module: the export, compress, inference, evaluation, registry and serve tests import it
 (`from tiny_models import ...`, found through `pythonpath = ["tests"]` in pyproject.toml) so that they all
@@ -71,3 +72,51 @@ def export_tiny_model(
     gpt = make_model_dir(root / "model", tok, **model)
     export_onnx(root / "model", onnx_dir, export_cfg, seed=0, variant_name=variant_name)
     return tok, gpt
+
+
+def tiny_encoder_classifier(tokens_dir: Path):
+    """A random two-layer encoder classifier with two tasks (testament: Old/New, book: Genesis/John/Mark) over
+    the tokenizer of `tokens_dir` (the tiny char shards of conftest)."""
+    from lmpipe.encoder.classifier import EncoderClassifier
+    from lmpipe.encoder.config import EncoderConfig
+    from lmpipe.encoder.model import Encoder
+    from lmpipe.encoder.tokens import EncoderTokenizer
+    from lmpipe.formats import PAD, TOKENIZER_FILE
+    from lmpipe.training.heads import ClassificationHeads
+
+    tokenizer = EncoderTokenizer.from_file(tokens_dir / TOKENIZER_FILE, PAD)
+    torch.manual_seed(0)
+    config = EncoderConfig(
+        vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        block_size=96,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+    )
+    heads = ClassificationHeads(32, {"testament": 2, "book": 3}, seed=0)
+    labels = {"testament": ["Old", "New"], "book": ["Genesis", "John", "Mark"]}
+    return EncoderClassifier(Encoder(config), heads, tokenizer, labels, max_length=96)
+
+
+def write_label_examples(out_dir: Path, verses: int = 3) -> Path:
+    """An instructions directory (`lmpipe.data.instructions.write_examples`) whose every split holds `verses`
+    verses "Verse <i> (<split>)." as testament, book and continue examples."""
+    import pandas as pd
+
+    from lmpipe.data.instructions import BOOK_PROMPT, EXAMPLE_COLUMNS, TESTAMENT_PROMPT, write_examples
+
+    prompts = {"testament": TESTAMENT_PROMPT, "book": BOOK_PROMPT, "continue": "Continue the verse: {verse}"}
+    frame = pd.DataFrame(
+        [
+            (f"{task}{i}{split}", task, prompt.format(verse=f"Verse {i} ({split})."), "x", None, split, "d")
+            for split in ("train", "val", "test")
+            for i in range(verses)
+            for task, prompt in prompts.items()
+        ],
+        columns=list(EXAMPLE_COLUMNS),
+    )
+    labels = {"testament": ["Old", "New"], "book": ["John", "Mark"]}
+    frame.attrs["instructions"] = {"label_sets": labels, "dropped_ambiguous": {}, "skipped_short": 0}
+    write_examples(frame, out_dir)
+    return out_dir

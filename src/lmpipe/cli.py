@@ -6,10 +6,13 @@ import argparse
 import sys
 
 from lmpipe.errors import LmpipeError
+from lmpipe.formats import CLASSIFIER_INT8_DIR
 
 DEFAULT_MODEL = "models/onnx/teacher-int8"
 """The model `generate` and `serve` load when --model is not given (lmpipe.serve.ServeConfig's default, which a
 test keeps equal: importing it here would load pydantic for every subcommand)."""
+DEFAULT_CLASSIFIER = f"models/onnx/{CLASSIFIER_INT8_DIR}"
+"""The encoder classifier `classify` loads when --classifier is not given (the quantize stage's int8 copy)."""
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -61,6 +64,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(completions[i].text)
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Label the texts with the encoder classifier: one JSON object per text, per task the label, its
+    probability and every label's probability (ONNX Runtime only: no torch)."""
+    import json
+
+    from lmpipe.encoder.resolve import resolve_classifier
+    from lmpipe.encoder.serving import OrtClassifier
+
+    classifier = OrtClassifier(resolve_classifier(args.classifier), args.threads)
+    for text, result in zip(args.texts, classifier.classify(args.texts, args.task), strict=True):
+        print(json.dumps({"text": text, **result}, ensure_ascii=False))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a model over HTTP with the OpenAI completions API (see lmpipe.serve)."""
     from lmpipe.serve import ServeConfig, serve
@@ -73,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "max_prompt_tokens": args.max_prompt_tokens,
         "max_tokens_limit": args.max_tokens_limit,
         "max_batch": args.max_batch,
+        "classifier": args.classifier,
     }
     serve(ServeConfig(**{k: v for k, v in given.items() if v is not None}))
 
@@ -105,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.set_defaults(func=cmd_generate)
 
+    classifier_help = (
+        "ONNX classifier directory (an encoder_finetune directory stands for its onnx/) or "
+        "models:/lmpipe-classifier@<alias>"
+    )
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions, /v1/chat/completions)")
     p.add_argument("--model", help=model_help)
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
@@ -113,7 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default block_size - 1)")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 256)")
     p.add_argument("--max-batch", type=int, help="most prompts per completions request (default 8)")
+    p.add_argument("--classifier", help=f"also serve POST /v1/classify: {classifier_help}")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "classify",
+        help="label texts with the encoder classifier and print JSON (labels with probabilities)",
+        description="Prints one JSON object per text: per task the label, its probability and every label's.",
+    )
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text to classify (one JSON line each)")
+    p.add_argument("--task", help="only this task's answer (default: every task of the classifier)")
+    p.add_argument(
+        "--classifier", default=DEFAULT_CLASSIFIER, help=f"{classifier_help} (default {DEFAULT_CLASSIFIER})"
+    )
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads; 0 = one per core")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 

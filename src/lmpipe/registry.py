@@ -7,6 +7,12 @@ aliases say what is what: `candidate` points at the newest version of the config
 the version that serves. The gate moves `champion` only when the candidate beats it on the configured metric
 by more than a margin, so a retrain that got worse never reaches production on its own.
 
+The encoder classifier is registered apart (`log_classifier`): a version of its own registered model
+(`lmpipe-classifier`), the pyfunc of `lmpipe.encoder.serving` returning labels and probabilities, never a
+version of the generative model, so the generative champion and whatever serves it are untouched. Each new
+classifier version takes its model's `champion` (no gate: evaluate does not score the ONNX classifier; its
+tags carry the export's parity with PyTorch and, for int8, the label agreement with fp32).
+
 Servers and batch jobs name a model as a directory or a registry URI: see `lmpipe.inference.resolver`.
 MLflow is imported by the functions that talk to it, so the config schema loads without it.
 """
@@ -25,8 +31,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, Field
 
 from lmpipe.config import flatten, schema
+from lmpipe.encoder.serving import CLASSIFIER_MODEL_NAME
 from lmpipe.errors import LmpipeError
-from lmpipe.formats import ONNX_FILE
+from lmpipe.formats import CLASSIFIER_INT8_DIR, ONNX_FILE
 from lmpipe.inference.onnx_dir import onnx_row, read_onnx_config
 
 if TYPE_CHECKING:
@@ -71,8 +78,17 @@ class RegisterConfig:
     """Direction of the gate metric (False for perplexity-like metrics)."""
     min_improvement: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """The candidate must beat the champion's metric by more than this to take alias `champion`."""
+    classifier: str = f"models/onnx/{CLASSIFIER_INT8_DIR}"
+    """ONNX encoder classifier directory registered as a new version of classifier_model_name ('' = none)."""
+    classifier_model_name: Annotated[str, AfterValidator(_registry_name)] = CLASSIFIER_MODEL_NAME
+    """Registered model of the encoder classifier (never model_name); each new version takes `champion`."""
 
     def __post_init__(self):
+        if self.classifier_model_name == self.model_name:
+            raise LmpipeError(
+                f"register.classifier_model_name={self.classifier_model_name!r}: expected a registered model "
+                f"other than register.model_name (a classifier is never a version of the generative model)"
+            )
         if len(set(self.variants)) != len(self.variants):
             raise LmpipeError(f"register.variants={self.variants!r}: expected each variant once")
         if self.candidate not in self.variants:
@@ -170,6 +186,44 @@ def log_model(model_dir: str | os.PathLike, cfg: RegisterConfig, metrics: dict, 
         client.set_model_version_tag(cfg.model_name, version, key, value)
     client.update_model_version(cfg.model_name, version, description=_description(card))
     return client.get_model_version(cfg.model_name, version)
+
+
+def log_classifier(onnx_dir: str | os.PathLike, cfg: RegisterConfig, provenance: dict[str, str]) -> dict:
+    """Register the ONNX encoder classifier `onnx_dir` as a new version of `cfg.classifier_model_name` (the
+    pyfunc of `lmpipe.encoder.serving`) and point `champion` at it; tagged with its directory, quantization,
+    file size, export parity and int8 label agreement, described by a short card. Returns the version and the
+    model's aliases."""
+    import mlflow
+
+    from lmpipe.encoder.serving import read_classifier_config, register_classifier
+
+    onnx_dir = Path(onnx_dir)
+    config = read_classifier_config(onnx_dir)
+    checks = {"parity": config.get("parity", {}), "agreement": config.get("agreement", {})}
+    tasks = [name.removeprefix("probs_") for name in config["output_names"]]  # the answers' order
+    tags = {
+        "variant": onnx_dir.name,
+        "quantization": str(config.get("quantization", "none")),
+        "onnx_bytes": str((onnx_dir / ONNX_FILE).stat().st_size),
+        "tasks": ",".join(tasks),
+        **{f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in _numeric(checks).items()},
+    }
+    labels = ", ".join(f"{task} ({len(config['label_sets'][task])} labels)" for task in tasks)
+    card = (
+        f"# Encoder classifier {onnx_dir.name}\n\nTasks: {labels}. ONNX ({tags['quantization']}); "
+        f"texts longer than {config['max_length']} tokens are truncated. Returns per text and task the "
+        "label, its probability and every label's probability.\n\n"
+        + "".join(f"- {key}: {value}\n" for key, value in provenance.items())
+    )
+    version = register_classifier(
+        onnx_dir, CHAMPION_ALIAS, cfg.classifier_model_name, tags=tags, description=_description(card)
+    )
+    aliases = mlflow.MlflowClient().get_registered_model(cfg.classifier_model_name).aliases
+    return {
+        "model_name": cfg.classifier_model_name,
+        "version": version,
+        "aliases": {alias: str(v) for alias, v in aliases.items()},
+    }
 
 
 def _description(card: str) -> str:

@@ -30,9 +30,13 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(
-    ref: str | os.PathLike, cache_dir: str | os.PathLike | None = None, tracking_uri: str | None = None
+    ref: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    tracking_uri: str | None = None,
+    artifact: str | None = None,
 ) -> Path:
-    """The ONNX export directory that `ref` names.
+    """The ONNX export directory that `ref` names (of a registry version: the pyfunc's artifact `artifact`, by
+    default the generative model's `MODEL_DIR_ARTIFACT`; `lmpipe.encoder.resolve` asks for the classifier's).
 
     `ref` is a local directory (returned as is), or a registry URI whose version is downloaded once into
     `cache_dir` (default `default_cache_dir()`), then reused. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else
@@ -72,7 +76,7 @@ def resolve_model(
                 )
         except mlflow.exceptions.MlflowException as exc:
             raise LmpipeError(f"model {text!r}: download failed: {one_line(exc)}") from exc
-    return _model_dir_artifact(target, text, MODEL_DIR_ARTIFACT)
+    return _model_dir_artifact(target, text, artifact or MODEL_DIR_ARTIFACT)
 
 
 def _registry_version(ref: str, tracking_uri: str | None) -> ModelVersion:

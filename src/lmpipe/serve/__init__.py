@@ -6,6 +6,8 @@ endpoints take max_tokens, temperature, top_p, top_k (an extension), stop, seed,
 as OpenAI does: server-sent events `data: {chunk}`, the last chunk carrying the finish reason, then
 `data: [DONE]`. Every bad request is a 4xx with an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}`; the token budget is checked before generation starts.
+Given an encoder classifier (`ServeConfig.classifier`), the server also answers `POST /v1/classify`
+(`lmpipe.encoder.http`): texts in, per task the label and probabilities out; without one that route is a 404.
 
 Modules: `config` (ServeConfig), `requests` (the request bodies), `errors` (error bodies), `app` (the routes
 and `create_app`). One engine serves every request, one generation at a time (see `lmpipe.serve.app`).

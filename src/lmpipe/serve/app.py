@@ -29,6 +29,7 @@ from lmpipe.serve.errors import HANDLERS, ApiError
 from lmpipe.serve.requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 if TYPE_CHECKING:
+    from lmpipe.encoder.serving import OrtClassifier
     from lmpipe.inference.engine import Completion, OrtEngine
 
 Chunk = Callable[[int, str | None, str | None], dict | None]
@@ -226,27 +227,37 @@ async def chat_completions(request: ChatCompletionRequest, server: ServerDep):
     return {**head, "choices": [choice], "usage": _usage([done])}
 
 
-def create_app(engine: OrtEngine, cfg: ServeConfig) -> FastAPI:
-    """A FastAPI app serving `engine` under the limits of `cfg`."""
+def create_app(engine: OrtEngine, cfg: ServeConfig, classifier: OrtClassifier | None = None) -> FastAPI:
+    """A FastAPI app serving `engine` under the limits of `cfg`, and `classifier` (if any) at /v1/classify."""
     from lmpipe import serve
 
     app = FastAPI(title="lmpipe", description=serve.__doc__.splitlines()[0])
     app.state.server = Server(engine, cfg)
     app.include_router(router)
+    if classifier is not None:
+        from lmpipe.encoder.http import classify_router
+
+        app.include_router(classify_router(classifier))
     for exc_type, handler in HANDLERS.items():
         app.add_exception_handler(exc_type, handler)
     return app
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Load the model named by `cfg.model` and serve it until interrupted."""
+    """Load the model of `cfg.model` (and the classifier of `cfg.classifier`) and serve until interrupted."""
     import uvicorn
 
     from lmpipe.inference.engine import OrtEngine
     from lmpipe.inference.resolver import resolve_model
 
     engine = OrtEngine(resolve_model(cfg.model), cfg.threads)
-    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    classifier = None
+    if cfg.classifier:
+        from lmpipe.encoder.resolve import resolve_classifier
+        from lmpipe.encoder.serving import OrtClassifier
+
+        classifier = OrtClassifier(resolve_classifier(cfg.classifier), cfg.threads)
+    uvicorn.run(create_app(engine, cfg, classifier), host=cfg.host, port=cfg.port, log_level="info")
 
 
 def _head(prefix: str, kind: str, model_id: str) -> dict[str, Any]:

@@ -18,6 +18,10 @@ def _not_blank(value: str) -> str:
 NonBlank = Annotated[str, AfterValidator(_not_blank)]
 
 
+def _empty_or_not_blank(value: str) -> str:
+    return _not_blank(value) if value else value
+
+
 @schema("serve")
 class ServeConfig:
     model: NonBlank = "models/onnx/teacher-int8"
@@ -34,3 +38,6 @@ class ServeConfig:
     """Largest max_tokens a request may ask; without max_tokens it gets this or the room its prompt leaves."""
     max_batch: Annotated[int, Field(ge=1)] = 8
     """Most prompts in one completions request."""
+    classifier: Annotated[str, AfterValidator(_empty_or_not_blank)] = ""
+    """Encoder classifier of POST /v1/classify: ONNX classifier directory or models:/lmpipe-classifier@<alias>
+    ('' = none: /v1/classify is a 404)."""
