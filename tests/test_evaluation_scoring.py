@@ -61,6 +61,14 @@ class PlantedScorer(Scorer):
         assert past.shape[0] == 1
         return np.repeat(past, n, axis=0)
 
+    def _masked_forward(self, ids, positions, mask, past):
+        # The planted answer depends only on the tokens after the last <|assistant|>: left padding cannot
+        # change it, so positions and mask need no part here.
+        return self._forward(ids, past)
+
+    def _select_past(self, past, rows):
+        return past[rows]
+
 
 def favoured(scorer: PlantedScorer) -> float:
     """Log-probability of the favoured token."""
@@ -181,13 +189,18 @@ def test_torch_generate_matches_greedy_model_generate(tok, one_torch_thread):
     model = tiny_gpt(tok.get_vocab_size())
     scorer = TorchScorer(model, tok)
     stops = {tok.token_to_id(END), tok.token_to_id(EOT)}
-    for prompt in ["Which book?", "In the beginning"]:
+    prompts = ["Which book?", "In the beginning", "And the earth was without form, and void"]
+    expected = []
+    for prompt in prompts:
         ids = torch.tensor([tok.encode(prompt_text(prompt)).ids])
         out = model.generate(ids, max_new_tokens=12, temperature=0)[0, ids.shape[1] :].tolist()
         cut = next((i for i, t in enumerate(out) if t in stops), len(out))
-        assert scorer.generate([prompt], max_new_tokens=12) == [
-            tok.decode(out[:cut], skip_special_tokens=True)
-        ]
+        expected.append(tok.decode(out[:cut], skip_special_tokens=True))
+        assert scorer.generate([prompt], max_new_tokens=12) == expected[-1:]
+    # Together: prompts of three lengths in one left-padded batch, and in batches of two.
+    assert scorer.generate(prompts, max_new_tokens=12) == expected
+    scorer.max_batch = 2
+    assert scorer.generate(prompts[::-1], max_new_tokens=12) == expected[::-1]
 
 
 def test_torch_scorer_rejects_a_smaller_model_vocab(tok):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmpipe.errors import LmpipeError
 from lmpipe.evaluation.scoring import Scorer
 from lmpipe.inference.engine import OrtEngine, Past
-from lmpipe.inference.sampling import GenerationParams
 
 
 class OrtScorer(Scorer):
@@ -30,22 +28,13 @@ class OrtScorer(Scorer):
         # ONNX Runtime needs contiguous inputs, so a broadcast view would be copied anyway.
         return [(np.repeat(k, n, axis=0), np.repeat(v, n, axis=0)) for k, v in past]
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """`Scorer.generate`'s greedy answers, `max_batch` prompts at a time through the engine's batched
-        decoding (left-padded and masked): one step per token for the batch instead of for every prompt.
-        Prompts of similar length go together, so little of each batch is padding."""
-        if max_new_tokens < 1:
-            raise LmpipeError(f"max_new_tokens={max_new_tokens}: expected at least 1")
-        # The engine also needs room for the token generated last, one more than Scorer.generate asks.
-        ids = [self._prompt_ids(prompt, max_new_tokens) for prompt in prompts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        greedy = GenerationParams(max_new_tokens=max_new_tokens)  # temperature 0, stops at END and EOT
-        answers: list[str] = [""] * len(ids)
-        for start in range(0, len(order), self.max_batch):
-            rows = order[start : start + self.max_batch]
-            for i, tokens in zip(rows, self.engine.generate_ids([ids[i] for i in rows], greedy), strict=True):
-                answers[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return answers
+    def _masked_forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Past | None
+    ) -> tuple[np.ndarray, Past]:
+        return self.engine.forward(ids, np.ascontiguousarray(positions), mask, past)
+
+    def _select_past(self, past: Past, rows: np.ndarray) -> Past:
+        return [(k[rows], v[rows]) for k, v in past]
 
 
 class OrtLanguageModel:

@@ -1,9 +1,10 @@
 """How a language model answers evaluation questions: label probabilities, choice log-likelihoods, generation.
 
-All the logic lives in `Scorer`, built on two primitives that any runtime can provide: `_forward` (logits
-for a batch of token ids, continuing a cache) and `_expand_past` (repeat a batch-1 cache). `TorchScorer`
-implements them for `lmpipe.model.GPT`; an ONNX Runtime scorer only needs the same two methods, so both
-runtimes score identically by construction.
+All the logic lives in `Scorer`, built on primitives that any runtime can provide: `_forward` (logits for a
+batch of token ids, continuing a cache), `_expand_past` (repeat a batch-1 cache), and for batched generation
+`_masked_forward` (the same with explicit positions and a padding mask) and `_select_past` (keep some rows of
+a cache). `TorchScorer` implements them for `lmpipe.model.GPT`; an ONNX Runtime scorer only needs the same
+methods, so both runtimes score identically by construction.
 
 Every question is chat-formatted with the model's template, and an answer is its text followed by `END`
 ("<|end|>"), exactly as fine-tuned models learned to write it. Scoring the closing `END` is what keeps a
@@ -64,6 +65,16 @@ class Scorer(ABC):
     @abstractmethod
     def _expand_past(self, past: Any, n: int) -> Any:
         """A batch-1 past repeated n times along the batch axis."""
+
+    @abstractmethod
+    def _masked_forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
+        """`_forward` with explicit positions (B, T) and an attention mask (B, past + T), 0 on padding keys."""
+
+    @abstractmethod
+    def _select_past(self, past: Any, rows: np.ndarray) -> Any:
+        """The past of the batch rows `rows` only."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. "<|end|>") become their single ids."""
@@ -150,24 +161,48 @@ class Scorer(ABC):
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy answers to chat-formatted prompts, each ending at END, EOT or max_new_tokens, decoded
-        without special tokens. One prompt at a time: a prefill, then one token per step with the cache."""
+        without special tokens. `max_batch` prompts of similar length decode together, left-padded and masked:
+        one forward per new token for the batch, not for every prompt."""
         if max_new_tokens < 1:
             raise LmpipeError(f"max_new_tokens={max_new_tokens}: expected at least 1")
-        answers = []
-        for prompt in prompts:
-            ids = self._prompt_ids(prompt, max_new_tokens - 1)
-            logits, past = self._forward(np.asarray([ids], dtype=np.int64), None)
-            generated: list[int] = []
-            while True:
-                token = int(logits[0, -1].argmax())
-                if token in (self.end_id, self.eot_id):
-                    break
-                generated.append(token)
-                if len(generated) == max_new_tokens:
-                    break
-                logits, past = self._forward(np.asarray([[token]], dtype=np.int64), past)
-            answers.append(self.tokenizer.decode(generated, skip_special_tokens=True))
+        ids = [self._prompt_ids(prompt, max_new_tokens - 1) for prompt in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        answers = [""] * len(ids)
+        for start in range(0, len(order), self.max_batch):
+            rows = order[start : start + self.max_batch]
+            for i, tokens in zip(rows, self._greedy([ids[i] for i in rows], max_new_tokens), strict=True):
+                answers[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return answers
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy new tokens of each prompt (ids), decoded together; a row leaves the batch when it ends."""
+        width = max(map(len, prompts))
+        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+        logits, past = self._masked_forward(ids, positions, mask, None)
+        generated: list[list[int]] = [[] for _ in prompts]
+        active, next_pos = np.arange(len(prompts)), positions[:, -1:] + 1
+        while True:
+            tokens = logits[:, -1].argmax(axis=-1).astype(np.int64)
+            keep = []
+            for r, (row, token) in enumerate(zip(active.tolist(), tokens.tolist(), strict=True)):
+                if token in (self.end_id, self.eot_id):
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) < max_new_tokens:
+                    keep.append(r)
+            if not keep:
+                return generated
+            if len(keep) < len(active):
+                kept = np.asarray(keep)
+                active, tokens, mask, next_pos = active[kept], tokens[kept], mask[kept], next_pos[kept]
+                past = self._select_past(past, kept)
+            mask = np.concatenate((mask, np.ones((len(active), 1), dtype=np.int64)), axis=1)
+            logits, past = self._masked_forward(tokens[:, None], next_pos, mask, past)
+            next_pos = next_pos + 1
 
 
 class TorchScorer(Scorer):
@@ -194,3 +229,22 @@ class TorchScorer(Scorer):
     def _expand_past(self, past: Any, n: int) -> Any:
         # expand is a view: the shared prompt cache is not copied n times.
         return tuple((k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past)
+
+    def _masked_forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                torch.from_numpy(ids).to(self.device),
+                positions=torch.from_numpy(np.ascontiguousarray(positions)).to(self.device),
+                past_kv=past,
+                attention_mask=torch.from_numpy(mask).to(self.device),
+                use_cache=True,
+            )
+        return out.logits.float().cpu().numpy(), out.past_kv
+
+    def _select_past(self, past: Any, rows: np.ndarray) -> Any:
+        index = np.ascontiguousarray(rows)
+        return tuple((k[index], v[index]) for k, v in past)
