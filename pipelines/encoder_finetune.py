@@ -3,12 +3,12 @@ frozen encoder plus new heads, or `lora`), from `encoder.init`: all-MiniLM-L6-v2
 encoder_mlm stage's encoder (scratch); with `encoder.also_scratch`, both, on the same data and budget.
 
 Outs: <paths.encoder>/ and, for the comparison, <paths.encoder>-scratch/ (encoder.pt, heads.pt, tokenizer.json,
-samples.txt; the configured init's also onnx/ with the parity-checked ONNX classifier); <paths.metrics>/encoder_finetune.json (test metrics per task, by init);
+samples.txt; the configured init's also onnx/ with the parity-checked ONNX classifier); without the comparison
+(also_scratch off, or init=scratch) <paths.encoder>-scratch/ holds only skipped.json, as dvc.yaml declares it;
+<paths.metrics>/encoder_finetune.json (test metrics per task, by init);
 <paths.plots>/encoder_finetune/<init>/{train,val}_loss.csv; checkpoints in <paths.checkpoints>/encoder_finetune*/.
 """
 
-import json
-from functools import partial
 from pathlib import Path
 
 from lmpipe import atomic, tracking
@@ -21,8 +21,9 @@ def main(cfg):
     import mlflow
 
     from lmpipe.encoder.finetune import finetune_encoder, runs
-    from lmpipe.encoder.outputs import write_classifier_dir
-    from lmpipe.formats import ENCODER_ONNX_DIR, ONNX_CONFIG_FILE, SAMPLES_FILE
+    from lmpipe.encoder.onnx import write_classifier_dir_with_onnx
+    from lmpipe.encoder.outputs import write_classifier_dir, write_skipped_dir
+    from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
     from lmpipe.training.outputs import write_curves
 
@@ -41,13 +42,18 @@ def main(cfg):
         # Written once every run has finished: a failure in the second leaves the earlier outputs intact.
         for model_dir, result in written:
             init = result.metrics["init"]
-            onnx = cfg.encoder.export_onnx and init == cfg.encoder.init
             extra = {"stage": "encoder_finetune", "metrics": result.metrics}
-            export = partial(export_onnx, result.classifier) if onnx else None
-            write_classifier_dir(model_dir, result.classifier, extra, result.samples, also=export)
-            if onnx:
-                onnx_config = json.loads((model_dir / ENCODER_ONNX_DIR / ONNX_CONFIG_FILE).read_text("utf-8"))
-                metrics[init]["onnx_parity"] = onnx_config["parity"]
+            if cfg.encoder.export_onnx and init == cfg.encoder.init:
+                parity = write_classifier_dir_with_onnx(model_dir, result.classifier, extra, result.samples)
+                metrics[init]["onnx_parity"] = parity
+            else:
+                write_classifier_dir(model_dir, result.classifier, extra, result.samples)
+        comparison = Path(f"{cfg.paths.encoder}-scratch")
+        if comparison not in [model_dir for model_dir, _ in written]:
+            # dvc.yaml declares the comparison's outputs: without it they hold a note saying why they are empty.
+            reason = f"encoder.also_scratch={cfg.encoder.also_scratch}, encoder.init={cfg.encoder.init}"
+            write_skipped_dir(comparison, "encoder_finetune", reason)
+            (Path(cfg.paths.checkpoints) / "encoder_finetune-scratch").mkdir(parents=True, exist_ok=True)
         atomic.write_json(Path(cfg.paths.metrics) / "encoder_finetune.json", metrics)
         mlflow.set_tags({"encoder_method": cfg.encoder.method, "encoder_inits": ",".join(metrics)})
         for init, m in metrics.items():
@@ -56,13 +62,6 @@ def main(cfg):
                 for task, t in m["tasks"].items()
             )
             print(f"encoder_finetune: {init}/{m['method']}, {m['steps']} steps: {summary}")
-
-
-def export_onnx(classifier, model_dir: Path) -> None:
-    from lmpipe.encoder.onnx import export_classifier
-    from lmpipe.formats import ENCODER_ONNX_DIR
-
-    export_classifier(classifier, model_dir / ENCODER_ONNX_DIR)
 
 
 if __name__ == "__main__":

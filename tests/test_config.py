@@ -21,6 +21,7 @@ TARGET_SECTIONS = {
     "sft",
     "mlm",
     "encoder",
+    "encoder_distill",
     "preferences",
     "reward",
     "dpo",

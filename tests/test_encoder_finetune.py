@@ -2,6 +2,7 @@
 random tiny encoder (init=scratch) and the real MiniLM with a frozen body (init=pretrained, method=head)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from lmpipe.encoder.mlm import pretrain_encoder
 from lmpipe.encoder.outputs import write_classifier_dir, write_encoder_dir
 from lmpipe.encoder.pretrained import load_pretrained
 from lmpipe.evaluation.benchmark import evaluate_encoder
+from lmpipe.formats import SKIPPED_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,14 +84,24 @@ def test_scratch_full_learns_saves_and_resumes(tiny_config, tmp_path, mlm_encode
 
 
 def test_scratch_lora_merges_into_plain_layers(tiny_config, tmp_path, mlm_encoder):
+    # Through the stage: init=scratch leaves no comparison, and its declared outputs say so.
+    from test_encoder_distill import load_stage
+
     cfg = tiny_config(
-        *overrides(tmp_path, "encoder.init=scratch", "encoder.method=lora", "encoder.max_steps=4")
+        *overrides(tmp_path, "encoder.init=scratch", "encoder.method=lora", "encoder.max_steps=4"),
+        "encoder.export_onnx=false",
     )
-    result = finetune_encoder(cfg)
-    m = result.metrics
+    load_stage("encoder_finetune").main(cfg)
+    m = json.loads((Path(cfg.paths.metrics) / "encoder_finetune.json").read_text())["scratch"]
     assert m["trainable_parameters"] < m["total_parameters"] / 2
-    names = set(result.classifier.encoder.state_dict())
+    names = set(load_encoder_classifier(cfg.paths.encoder).encoder.state_dict())
     assert not any("lora" in name for name in names) and "blocks.0.attn.c_attn.weight" in names
+    skipped = json.loads((Path(f"{cfg.paths.encoder}-scratch") / SKIPPED_FILE).read_text())
+    assert skipped == {
+        "stage": "encoder_finetune",
+        "reason": "encoder.also_scratch=True, encoder.init=scratch",
+    }
+    assert (Path(cfg.paths.checkpoints) / "encoder_finetune-scratch").is_dir()
 
 
 def test_pretrained_head_keeps_the_encoder_frozen(tiny_config, tmp_path):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lmpipe.encoder.config import EncoderConfig
-from lmpipe.encoder.model import Encoder, load_encoder, save_encoder
+from lmpipe.encoder.model import Encoder, load_encoder
 from lmpipe.errors import LmpipeError
+from lmpipe.model import save_checkpoint
 
 
 def tiny(pooling: str = "mean", seed: int = 0) -> Encoder:
@@ -69,7 +70,7 @@ def test_too_long_input_is_one_line_error():
 
 def test_checkpoint_round_trip_and_bad_file(tmp_path):
     model = tiny("first")
-    save_encoder(tmp_path / "e.pt", model, {"stage": "test"})
+    save_checkpoint(tmp_path / "e.pt", model, {"stage": "test"})
     loaded, extra = load_encoder(tmp_path / "e.pt")
     assert extra == {"stage": "test"} and loaded.config == model.config
     x = ids((2, 5))
@@ -77,6 +78,8 @@ def test_checkpoint_round_trip_and_bad_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"nope")
     with pytest.raises(LmpipeError, match="not a readable torch checkpoint"):
         load_encoder(tmp_path / "bad.pt")
+    with pytest.raises(LmpipeError, match="^missing encoder checkpoint"):
+        load_encoder(tmp_path / "absent.pt")
 
 
 def test_parameter_groups_cover_each_weight_once():

@@ -25,6 +25,7 @@ STAGES = (
     "sft",
     "encoder_mlm",
     "encoder_finetune",
+    "encoder_distill",
     "distill",
     "preferences",
     "reward",
@@ -114,7 +115,7 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 30 and pretrain["world_size"] == 1
     tasks = report["tasks"]
-    encoders = {"encoder-pretrained-full", "encoder-scratch-full"}
+    encoders = {"encoder-pretrained-full", "encoder-scratch-full", "encoder-pretrained-distill"}
     assert set(tasks) == variants | encoders | {"tf-idf + logistic regression"}
     assert set(report["encoders"]) == encoders
     for name in encoders:

@@ -142,6 +142,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    config_class = GPTConfig
+    checkpoint_kind = "model"
+    """What `load_model` builds from a checkpoint's config, and calls the file in its errors."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -324,26 +328,28 @@ class GPT(nn.Module):
         return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
 
 
-def save_checkpoint(path, model: GPT, extra: dict) -> None:
-    """Atomically save the config (a plain dict), the weights and `extra` (plain values: ints, strs, lists...)."""
+def save_checkpoint(path, model: nn.Module, extra: dict) -> None:
+    """Atomically save a model's config (a plain dict), weights and `extra` (plain values: ints, strs, lists...):
+    the GPT's model.pt and, in the same layout, the encoder's encoder.pt."""
     payload = {"config": asdict(model.config), "state_dict": model.state_dict(), "extra": dict(extra)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_model(path) -> tuple[GPT, dict]:
-    """Rebuild the GPT saved by save_checkpoint (on CPU, in eval mode) and return it with its `extra` dict."""
-    path = Path(path)
+def load_model(path, model_class: type[nn.Module] = GPT) -> tuple[nn.Module, dict]:
+    """Rebuild the `model_class` (the GPT, or another model with a `config_class` and a `checkpoint_kind`, such as
+    `lmpipe.encoder.model.Encoder`) saved by save_checkpoint, on CPU, in eval mode; returns it with its `extra`."""
+    path, kind = Path(path), model_class.checkpoint_kind
     if not path.is_file():
-        raise LmpipeError(f"missing model checkpoint {path}")
+        raise LmpipeError(f"missing {kind} checkpoint {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's messages here span many lines; the exception type says enough
         raise LmpipeError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from exc
     try:
-        model = GPT(GPTConfig(**payload["config"]))
+        model = model_class(model_class.config_class(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:  # missing keys, unknown or invalid config fields, mismatched weights
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise LmpipeError(f"{path}: not a lmpipe model checkpoint ({reason})") from exc
+        raise LmpipeError(f"{path}: not a lmpipe {kind} checkpoint ({reason})") from exc
     return model.eval(), payload["extra"]

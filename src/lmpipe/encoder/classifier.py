@@ -7,6 +7,7 @@ head per label task with the label sets (`lmpipe.training.heads.save_heads`), an
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from lmpipe.encoder.model import Encoder, load_encoder
 from lmpipe.encoder.tokens import EncoderTokenizer
 from lmpipe.errors import LmpipeError
-from lmpipe.formats import ENCODER_FILE, HEADS_FILE, TOKENIZER_FILE
+from lmpipe.formats import ENCODER_FILE, HEADS_FILE, SKIPPED_FILE, TOKENIZER_FILE
 from lmpipe.training.heads import ClassificationHeads, _load_heads
 from lmpipe.training.sft_data import collate
 
@@ -82,6 +83,12 @@ def load_encoder_classifier(model_dir: str | os.PathLike, with_extra: bool = Fal
     """The classifier of an encoder fine-tuning directory, on CPU, in eval mode (and the encoder's extra dict:
     stage, metrics, with_extra)."""
     model_dir = Path(model_dir)
+    if (model_dir / SKIPPED_FILE).is_file():
+        skipped = json.loads((model_dir / SKIPPED_FILE).read_text(encoding="utf-8"))
+        raise LmpipeError(
+            f"{model_dir}: no classifier here, stage {skipped.get('stage')} skipped it ({skipped.get('reason')}); "
+            "turn that back on or stop reading this directory"
+        )
     for name in (ENCODER_FILE, HEADS_FILE, TOKENIZER_FILE):
         if not (model_dir / name).is_file():
             raise LmpipeError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -88,8 +88,8 @@ class EncoderFinetuneConfig(FinetuneSchedule):
     )
     """LoRA: the encoder's Linear layers to adapt (c_attn, c_proj, c_fc: attention and MLP projections)."""
     also_scratch: bool = True
-    """With init=pretrained, also fine-tune the encoder_mlm stage's encoder the same way (init=scratch); dvc.yaml
-    lists its output, so under DVC keep it on."""
+    """With init=pretrained, also fine-tune the encoder_mlm stage's encoder the same way (init=scratch); without
+    it <paths.encoder>-scratch holds only skipped.json (dvc.yaml declares it), so drop it from evaluate.encoders."""
     export_onnx: bool = True
     """Also write the classifier (the configured init's) as ONNX, checked against PyTorch, to <model dir>/onnx."""
 
@@ -144,3 +144,27 @@ class MLMConfig(FinetuneSchedule):
             return EncoderConfig(vocab_size=vocab_size, pad_id=pad_id, block_size=self.window, **self.model)
         except LmpipeError as exc:
             raise LmpipeError(f"mlm.model: {exc}") from None
+
+
+@config.schema("encoder_distill")
+class EncoderDistillConfig(FinetuneSchedule):
+    """The encoder_distill stage: the encoder_finetune stage's classifier (the teacher, on the `encoder` section's
+    tasks and data) distilled into a student with half its layers, initialised from its blocks 0, 2, 4, ..."""
+
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    """Softmax temperature T of both models' label distributions in the soft-target term (scaled by T^2)."""
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Weight of the soft-target KL term; 1 - alpha weighs the hard labels' cross-entropy."""
+    batch_size: Positive = 32
+    """Examples per micro-batch on each device."""
+    ablation: bool = True
+    """Also train the same student (same initialisation, data, budget and seed) with alpha=0: no teacher."""
+    export_onnx: bool = True
+    """Also write the distilled student as ONNX, checked against PyTorch, to <student dir>/onnx."""
+
+    reporting_only: ClassVar[tuple[str, ...]] = ("ablation", "export_onnx")
+    """Fields left out of a student's fingerprint: they choose what else the stage does, not how it trains."""
+
+    def shaping(self) -> dict:
+        """The fields that shape a student's training (for the fingerprint)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.reporting_only}

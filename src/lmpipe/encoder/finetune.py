@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
@@ -38,7 +39,7 @@ from lmpipe.errors import LmpipeError
 from lmpipe.formats import ENCODER_FILE, TOKENIZER_FILE
 from lmpipe.training.checkpointing import digest, file_sha256
 from lmpipe.training.configs import OptimizerConfig
-from lmpipe.training.core import FitPlan, TrainingModule, fit
+from lmpipe.training.core import FitPlan, Fitted, TrainingModule, fit
 from lmpipe.training.heads import ClassificationHeads
 from lmpipe.training.lora import apply_lora, merge_lora
 from lmpipe.training.sft import SFTDataModule
@@ -149,6 +150,77 @@ def label_data(cfg: DictConfig, ecfg: EncoderFinetuneConfig) -> LabelData:
     return instruction_label_data(cfg.paths.instructions, ecfg.tasks)
 
 
+def encoded_splits(
+    data: LabelData, tokenizer: EncoderTokenizer, ecfg: EncoderFinetuneConfig
+) -> dict[str, list]:
+    """split -> its examples encoded by `tokenizer` (rows of `encode_rows`)."""
+    return {
+        split: encode_rows(frame, data.label_sets, tokenizer, ecfg, f"{data.source} {split}")
+        for split, frame in data.frames.items()
+    }
+
+
+def score_test_split(classifier: EncoderClassifier, test: pd.DataFrame) -> tuple[dict, list[dict], float]:
+    """(per-task test metrics, two samples per task, ms per example) of a classifier on the test split, scored
+    as the evaluate stage scores (`lmpipe.evaluation.tasks.classification_metrics`)."""
+    from lmpipe.evaluation.tasks import classification_metrics
+
+    tasks, samples = {}, []
+    start = time.perf_counter()
+    for task, labels in classifier.label_sets.items():
+        part = test[test["task"] == task]
+        probs = classifier.predict_proba(task, list(part["text"]))
+        tasks[task] = classification_metrics(list(part["label"]), probs, labels)
+        best = probs.argmax(axis=1)
+        for i in range(min(2, len(part))):
+            samples.append(
+                {
+                    "prompt": f"[{task}] {part['text'].iloc[i]}",
+                    "completion": f"{labels[best[i]]} (p={probs[i, best[i]]:.2f})",
+                    "reference": part["label"].iloc[i],
+                }
+            )
+    return tasks, samples, 1000 * (time.perf_counter() - start) / max(1, len(test))
+
+
+def scored_result(
+    fitted: Fitted,
+    classifier: EncoderClassifier,
+    test: pd.DataFrame,
+    rows: dict,
+    batch_size: int,
+    fields: dict,
+) -> EncoderResult:
+    """The result of a finished fit: the classifier scored on the test split, its metrics `fields` and those
+    every encoder run reports (the fit's, examples, layers, parameters with and without embeddings, tokens)."""
+    tasks, samples, ms_per_example = score_test_split(classifier, test)
+    encoder, steps = classifier.encoder, fitted.trainer.global_step
+    metrics = {
+        **fields,
+        **fitted.metrics(),
+        "examples": {split: len(part) for split, part in rows.items()},
+        "n_layer": encoder.config.n_layer,
+        "encoder_parameters": encoder.num_parameters(),
+        "encoder_parameters_non_embedding": encoder.num_parameters(non_embedding=True),
+        # steps x batch size x the mean training example's length
+        "tokens_seen_estimate": int(
+            steps * batch_size * np.mean([len(r["input_ids"]) for r in rows["train"]])
+        ),
+        "torch_ms_per_example": ms_per_example,
+        "tasks": tasks,
+    }
+    return EncoderResult(classifier, metrics, fitted.curves, samples)
+
+
+def standardise_heads(
+    heads: ClassificationHeads, encoder: Encoder, train_rows: list, n: int, pad_id: int
+) -> None:
+    """Standardise the heads' input with the encoder's pooled features of `n` training rows spread evenly over
+    the training set (`encoder.stats_rows`)."""
+    picks = np.linspace(0, len(train_rows) - 1, min(n, len(train_rows))).astype(int)
+    heads.set_feature_stats(pooled_features(encoder, [train_rows[i] for i in picks], pad_id))
+
+
 def runs(cfg: DictConfig) -> list[str]:
     """The encoder.init of each fine-tuning run of the stage: the configured one, then scratch as well when
     encoder.also_scratch asks for the comparison."""
@@ -159,25 +231,17 @@ def runs(cfg: DictConfig) -> list[str]:
 def finetune_encoder(cfg: DictConfig, run=None, init: str | None = None) -> EncoderResult | None:
     """Fine-tune from `init` (default encoder.init), resuming if possible, and score on test; None in DDP
     worker processes. A run other than the configured one keeps its checkpoints apart (`-<init>`)."""
-    from lmpipe.evaluation.tasks import classification_metrics
-
     ecfg: EncoderFinetuneConfig = config.build(cfg.encoder, **({"init": init} if init else {}))
     name = "encoder_finetune" if ecfg.init == cfg.encoder.init else f"encoder_finetune-{ecfg.init}"
     optim_cfg = ecfg.optimizer(cfg.optimizer)
     data = label_data(cfg, ecfg)
     encoder, tokenizer, init_hash = initial_encoder(cfg, ecfg)
-    rows = {
-        split: encode_rows(frame, data.label_sets, tokenizer, ecfg, f"{data.source} {split}")
-        for split, frame in data.frames.items()
-    }
+    rows = encoded_splits(data, tokenizer, ecfg)
     head_sizes = {task: len(labels) for task, labels in data.label_sets.items()}
 
     def build_module() -> LitEncoderClassifier:
         module = LitEncoderClassifier(encoder, optim_cfg, ecfg, cfg.seed, head_sizes)
-        picks = np.linspace(0, len(rows["train"]) - 1, min(ecfg.stats_rows, len(rows["train"]))).astype(int)
-        module.heads.set_feature_stats(
-            pooled_features(module.encoder, [rows["train"][i] for i in picks], tokenizer.pad_id)
-        )
+        standardise_heads(module.heads, module.encoder, rows["train"], ecfg.stats_rows, tokenizer.pad_id)
         return module
 
     plan = FitPlan(
@@ -205,38 +269,10 @@ def finetune_encoder(cfg: DictConfig, run=None, init: str | None = None) -> Enco
     classifier = EncoderClassifier(
         model, module.heads.float(), tokenizer, data.label_sets, ecfg.max_length, ecfg.too_long
     )
-    test = data.frames["test"]
-    tasks, samples = {}, []
-    start = time.perf_counter()
-    for task, labels in data.label_sets.items():
-        part = test[test["task"] == task]
-        probs = classifier.predict_proba(task, list(part["text"]))
-        tasks[task] = classification_metrics(list(part["label"]), probs, labels)
-        best = probs.argmax(axis=1)
-        for i in range(min(2, len(part))):
-            samples.append(
-                {
-                    "prompt": f"[{task}] {part['text'].iloc[i]}",
-                    "completion": f"{labels[best[i]]} (p={probs[i, best[i]]:.2f})",
-                    "reference": part["label"].iloc[i],
-                }
-            )
-    seconds = time.perf_counter() - start
-    metrics = {
+    fields = {
         "init": ecfg.init,
         "method": ecfg.method,
-        **fitted.metrics(),
-        "examples": {split: len(part) for split, part in rows.items()},
         **counts,
         "trainable_fraction": counts["trainable_parameters"] / counts["total_parameters"],
-        "encoder_parameters": model.num_parameters(),
-        "encoder_parameters_non_embedding": model.num_parameters(non_embedding=True),
-        "tokens_seen_estimate": int(
-            fitted.trainer.global_step
-            * ecfg.batch_size
-            * np.mean([len(r["input_ids"]) for r in rows["train"]])
-        ),
-        "torch_ms_per_example": 1000 * seconds / max(1, len(test)),
-        "tasks": tasks,
     }
-    return EncoderResult(classifier, metrics, fitted.curves, samples)
+    return scored_result(fitted, classifier, data.frames["test"], rows, ecfg.batch_size, fields)

@@ -2,7 +2,8 @@
 
 Embeddings: token + learned absolute position + token type, then LayerNorm and dropout. Post-LN blocks (BERT's
 order, not the GPT's): x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)). Attention sees every real token in both
-directions; padding keys are masked out (a boolean mask through `scaled_dot_product_attention`). The MLP is
+directions; padding keys are masked out (a boolean mask; the ops written out, `lmpipe.model.attend`'s
+`explicit` kernel, which on these short inputs beats SDPA's kernels, in bf16 and fp32). The MLP is
 BERT's exact (erf) GELU. On top: a masked-LM head (dense + GELU + LayerNorm, then the token embedding matrix
 itself as the output layer, plus a bias) and pooling (mean over real tokens, or the first token, [CLS]) into
 one vector per text for classification heads.
@@ -12,17 +13,14 @@ Layer names follow `lmpipe.model` (c_attn, c_proj, c_fc), so LoRA and its target
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpipe.atomic import atomic_path
 from lmpipe.encoder.config import EncoderConfig
 from lmpipe.errors import LmpipeError
 from lmpipe.formats import IGNORE_INDEX
+from lmpipe.model import attend, load_model
 
 
 class SelfAttention(nn.Module):
@@ -33,14 +31,13 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (
             t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, 2)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        # The explicit kernel: SDPA falls back to its slower math path whenever attention dropout is on.
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, kernel="explicit")
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -72,6 +69,10 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
+    config_class = EncoderConfig
+    checkpoint_kind = "encoder"
+    """What `lmpipe.model.load_model` builds from a checkpoint's config, and calls the file in its errors."""
+
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
@@ -112,7 +113,10 @@ class Encoder(nn.Module):
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.drop(self.ln_emb(self.wte(input_ids) + self.wpe(positions) + self.wtt(types)))
         # Every query sees every real key; padding queries get outputs too, which pooling and losses ignore.
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if attention_mask is None:
+            mask = torch.ones(1, 1, 1, T, dtype=torch.bool, device=input_ids.device)
+        else:
+            mask = attention_mask.bool()[:, None, None, :]
         for block in self.blocks:
             x = block(x, mask)
         return x
@@ -169,26 +173,6 @@ def flops_per_token(model: Encoder, length: int) -> int:
     return 6 * model.num_parameters(non_embedding=True) + 12 * c.n_layer * c.n_embd * length
 
 
-def save_encoder(path, model: Encoder, extra: dict) -> None:
-    """Atomically save the config, the weights and `extra` (plain values)."""
-    payload = {"config": asdict(model.config), "state_dict": model.state_dict(), "extra": dict(extra)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def load_encoder(path) -> tuple[Encoder, dict]:
-    """The encoder saved by `save_encoder` (on CPU, in eval mode) and its `extra` dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmpipeError(f"missing encoder checkpoint {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's messages here span many lines; the exception type says enough
-        raise LmpipeError(f"{path}: not a readable torch checkpoint ({type(exc).__name__})") from exc
-    try:
-        model = Encoder(EncoderConfig(**payload["config"]))
-        model.load_state_dict(payload["state_dict"])
-    except Exception as exc:  # missing keys, unknown config fields, mismatched shapes
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise LmpipeError(f"{path}: not a lmpipe encoder checkpoint ({reason})") from exc
-    return model.eval(), payload["extra"]
+    """The encoder saved by `lmpipe.model.save_checkpoint` (on CPU, in eval mode) and its `extra` dict."""
+    return load_model(path, Encoder)

@@ -19,9 +19,10 @@ from torch import nn
 
 from lmpipe import atomic
 from lmpipe.encoder.classifier import EncoderClassifier
+from lmpipe.encoder.outputs import write_classifier_dir
 from lmpipe.errors import LmpipeError
 from lmpipe.export import _quiet_exporter
-from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE
+from lmpipe.formats import ENCODER_ONNX_DIR, ONNX_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE
 from lmpipe.training.sft_data import collate
 
 PARITY_TEXTS = [
@@ -100,3 +101,16 @@ def export_classifier(
             )
         (tmp / ONNX_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
     return config["parity"]
+
+
+def write_classifier_dir_with_onnx(
+    model_dir: str | os.PathLike, classifier: EncoderClassifier, extra: dict, samples: list[dict]
+) -> dict:
+    """`write_classifier_dir` with the ONNX export inside (`formats.ENCODER_ONNX_DIR`); returns its parity report."""
+    parity = {}
+
+    def export(tmp: Path) -> None:
+        parity.update(export_classifier(classifier, tmp / ENCODER_ONNX_DIR))
+
+    write_classifier_dir(model_dir, classifier, extra, samples, also=export)
+    return parity

@@ -1,5 +1,6 @@
-"""Encoder directories written atomically: the masked-LM encoder (encoder.pt + its tokenizer) and the
-fine-tuned classifier (the same plus heads.pt and samples), as `lmpipe.encoder.classifier` reads them."""
+"""Encoder directories written atomically: the masked-LM encoder (encoder.pt + its tokenizer), the
+fine-tuned classifier (the same plus heads.pt and samples), as `lmpipe.encoder.classifier` reads them, and
+the placeholder of a classifier the config did not train (`formats.SKIPPED_FILE`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 from lmpipe import atomic
 from lmpipe.encoder.classifier import EncoderClassifier
-from lmpipe.encoder.model import Encoder, save_encoder
+from lmpipe.encoder.model import Encoder
 from lmpipe.encoder.tokens import EncoderTokenizer
-from lmpipe.formats import ENCODER_FILE, HEADS_FILE, SAMPLES_FILE, TOKENIZER_FILE
+from lmpipe.formats import ENCODER_FILE, HEADS_FILE, SAMPLES_FILE, SKIPPED_FILE, TOKENIZER_FILE
+from lmpipe.model import save_checkpoint
 from lmpipe.text_samples import format_samples
 from lmpipe.training.heads import save_heads
 
@@ -27,7 +29,7 @@ def write_encoder_dir(
     extra = {**extra, "pad_token": tokenizer.tokenizer.id_to_token(tokenizer.pad_id)}
     with atomic.atomic_path(model_dir) as tmp:
         tmp.mkdir()
-        save_encoder(tmp / ENCODER_FILE, encoder, extra)
+        save_checkpoint(tmp / ENCODER_FILE, encoder, extra)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if also is not None:
             also(tmp)
@@ -53,3 +55,12 @@ def write_classifier_dir(
 
     extra = {**extra, "max_length": classifier.max_length, "too_long": classifier.too_long}
     return write_encoder_dir(model_dir, classifier.encoder, classifier.tokenizer, extra, also=add)
+
+
+def write_skipped_dir(model_dir: str | Path, stage: str, reason: str) -> Path:
+    """Replace `model_dir` with only `formats.SKIPPED_FILE`: the stage trained nothing there, and why."""
+    model_dir = Path(model_dir)
+    with atomic.atomic_path(model_dir) as tmp:
+        tmp.mkdir()
+        atomic.write_json(tmp / SKIPPED_FILE, {"stage": stage, "reason": reason})
+    return model_dir

@@ -149,6 +149,23 @@ class RngStateInCheckpoints:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
+class TeacherOutOfCheckpoints:
+    """LightningModule mixin of a distillation: its frozen `self.teacher` (a module, or None) stays out of
+    checkpoints, since its weights are pinned by the fingerprint and re-read from its directory; on resume its
+    current weights stand in, so the strict state-dict load still matches."""
+
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        if self.teacher is not None:
+            own = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+            checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
+
+
 def build_trainer(
     trainer_cfg: DictConfig,
     *,

@@ -60,7 +60,7 @@ from lmpipe.formats import IGNORE_INDEX, MODEL_FILE, PAD, TOKENIZER_FILE
 from lmpipe.model import GPT, GPTConfig, load_model
 from lmpipe.text_samples import answer_samples
 from lmpipe.tokenizer import load_tokenizer, read_meta, read_shard, tokenizer_hash
-from lmpipe.training.checkpointing import file_sha256
+from lmpipe.training.checkpointing import TeacherOutOfCheckpoints, file_sha256
 from lmpipe.training.configs import DistillConfig, OptimizerConfig
 from lmpipe.training.core import FitPlan, TrainingModule, TrainResult, fit
 from lmpipe.training.datamodules import ContiguousWindows, RandomWindows, ResumableBatches, check_shards
@@ -219,7 +219,7 @@ class DistillDataModule(ResumableBatches, L.LightningDataModule):
 # --- The model ----------------------------------------------------------------------------------------------
 
 
-class LitDistill(TrainingModule):
+class LitDistill(TeacherOutOfCheckpoints, TrainingModule):
     """The trainable student, the frozen teacher (or none) and the distillation objective."""
 
     fixed_shapes = False  # the SFT half of a batch is padded to its longest example
@@ -284,19 +284,6 @@ class LitDistill(TrainingModule):
         if self.teacher is not None:
             logged["val_kl"] = (self._weighted(losses, "kl"), rows)
         return logged
-
-    # The teacher stays out of checkpoints (its weights are pinned by the fingerprint and read from its model
-    # directory); on resume its current weights stand in, so the strict state-dict load still matches.
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("teacher.")}
-
-    def on_load_checkpoint(self, checkpoint):
-        super().on_load_checkpoint(checkpoint)
-        if self.teacher is not None:
-            own = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-            checkpoint["state_dict"] = {**checkpoint["state_dict"], **own}
 
 
 VAL_CURVES = ("val_lm_loss", "val_sft_loss", "val_kl", "val_lm_kl", "val_sft_kl")
