@@ -47,16 +47,21 @@ SAMPLES_FILE = "samples.txt"
 
 # --- An encoder directory (encoder_finetune) -----------------------------------------------------------------
 ENCODER_FILE = "encoder.pt"
-"""The encoder's config, weights and extra (lmpipe.encoder.model.save_encoder); beside it HEADS_FILE, the
+"""The encoder's config, weights and extra (lmpipe.model.save_checkpoint); beside it HEADS_FILE, the
 encoder's own TOKENIZER_FILE and SAMPLES_FILE (lmpipe.encoder.classifier)."""
 ENCODER_ONNX_DIR = "onnx"
 """Inside an encoder classifier directory: its ONNX export (ONNX_FILE, ONNX_CONFIG_FILE, TOKENIZER_FILE)."""
+SKIPPED_FILE = "skipped.json"
+"""The only file of a declared output directory that a stage's config left untrained (a comparison turned off,
+e.g. encoder.also_scratch=false): {"stage", "reason"}, so DVC finds its output and readers a clear reason."""
 
 # --- An ONNX directory (export, quantize) ---------------------------------------------------------------------
 ONNX_FILE = "model.onnx"
 """The graph inside an export directory."""
 ONNX_CONFIG_FILE = "config.json"
 """What a runtime needs besides the graph: model shape, io names, special-token ids."""
+CLASSIFIER_INT8_DIR = "classifier-int8"
+"""Under paths.onnx (stage quantize): the int8 copy of the encoder classifier's ENCODER_ONNX_DIR."""
 
 # --- An instructions directory (the instructions stage) -------------------------------------------------------
 INSTRUCTION_SPLITS = ("train", "val", "test")
