@@ -130,4 +130,6 @@ def test_every_kernel_takes_the_loops_steps_up_to_rounding(name, kernel):
         return [p.detach() for p in model.parameters()]
 
     for loop, other in zip(steps("loop"), steps(kernel), strict=True):
-        torch.testing.assert_close(other, loop, rtol=1e-5, atol=1e-5)
+        # atol 3e-5: the fused kernel's operation order moved one weight by 1.03e-5 after 3 steps on an AMD
+        # EPYC (1e-5 held on the Intel machines).
+        torch.testing.assert_close(other, loop, rtol=1e-5, atol=3e-5)

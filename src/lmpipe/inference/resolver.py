@@ -7,8 +7,10 @@ only for registry URIs, so a local directory resolves without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +68,9 @@ def resolve_model(
     )
     if not (target / "MLmodel").is_file():
         try:
-            with atomic_path(target) as tmp:
+            # Some of MLflow's download paths (a version whose source is a logged model, models:/m-<id>)
+            # look the name up again in the *global* registry, ignoring registry_uri: point it at this store.
+            with atomic_path(target) as tmp, _global_store(mlflow, tracking_uri):
                 tmp.mkdir()
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=f"{REGISTRY_SCHEME}{version.name}/{version.version}",
@@ -77,6 +81,30 @@ def resolve_model(
         except mlflow.exceptions.MlflowException as exc:
             raise LmpipeError(f"model {text!r}: download failed: {one_line(exc)}") from exc
     return _model_dir_artifact(target, text, artifact or MODEL_DIR_ARTIFACT)
+
+
+@contextlib.contextmanager
+def _global_store(mlflow, uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URIs set to `uri` for the duration, then put back exactly as
+    they were, environment variables included (unset included: the public getters would return a resolved
+    default, and setting that would outlive a later change of MLFLOW_TRACKING_URI)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before = tracking_utils._tracking_uri, registry_utils._registry_uri
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # the setters export them for subprocesses
+    environ = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = before
+        for name, value in environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _registry_version(ref: str, tracking_uri: str | None) -> ModelVersion:
