@@ -4,7 +4,7 @@ import pytest
 from tiny_models import make_model_dir
 
 from lmpipe.evaluation.report import EvaluateConfig, model_row, ngram_baseline
-from lmpipe.evaluation.suite import evaluate_all
+from lmpipe.evaluation.suite import evaluate_all, trained_encoders
 from lmpipe.evaluation.variants import load_variant
 from lmpipe.formats import TOKENIZER_FILE
 from lmpipe.tokenizer import load_tokenizer
@@ -59,3 +59,14 @@ def test_speed_is_measured_when_asked(model_dir, tiny_tokens, tmp_path):
     )
     row = evaluate_all(cfg, tiny_tokens, tmp_path, seed=0).results["variants"]["test"]
     assert row["decode_tok_s_b1"] > 0 and row["prefill_ms_p50"] > 0
+
+
+def test_encoder_folders_a_stage_skipped_are_left_out_with_a_line(tmp_path):
+    from lmpipe.encoder.outputs import write_skipped_dir
+
+    (tmp_path / "trained").mkdir()
+    write_skipped_dir(tmp_path / "scratch", "encoder_mlm", "encoder.also_scratch=false")
+    heard = []
+    kept = trained_encoders([str(tmp_path / "trained"), str(tmp_path / "scratch")], heard.append)
+    assert kept == [str(tmp_path / "trained")]
+    assert len(heard) == 1 and "scratch left out" in heard[0]

@@ -28,7 +28,7 @@ from lmpipe.evaluation.report import EvaluateConfig, markdown_table, model_row, 
 from lmpipe.evaluation.speed import measure, torch_threads
 from lmpipe.evaluation.tasks import variant_table
 from lmpipe.evaluation.variants import load_variant, unique_names
-from lmpipe.formats import EOT, MC_FILE
+from lmpipe.formats import EOT, MC_FILE, SKIPPED_FILE
 from lmpipe.text_samples import generate_samples
 
 LM_COLUMNS = ["test_ppl", "test_bpb", "test_nll_per_token", "parameters", "order"]
@@ -136,7 +136,7 @@ def evaluate_all(
         confusion = {name: row["confusion"] for name, row in scored.items()}
         if tfidf is not None:
             task_rows["tf-idf + logistic regression"] = tfidf
-        for directory in ecfg.encoders:
+        for directory in trained_encoders(ecfg.encoders, log):
             name, encoder_rows[name], task_rows[name] = _encoder_rows(directory, tasks[0], label_sets, log)
 
     overview = {}
@@ -266,6 +266,18 @@ def _task_notes(task_rows: dict, skipped: dict) -> str:
     if skipped:
         notes += f" Left out as longer than the smallest context: {skipped}."
     return notes + "\n"
+
+
+def trained_encoders(directories: list[str], log: Callable[[str], None]) -> list[str]:
+    """The encoder directories that hold a classifier: a stage that trained nothing (encoder.also_scratch=false)
+    leaves only `formats.SKIPPED_FILE` in its declared output, which is left out with a line saying so."""
+    kept = []
+    for directory in directories:
+        if (Path(directory) / SKIPPED_FILE).is_file():
+            log(f"evaluate: {directory} left out: its stage trained no classifier there ({SKIPPED_FILE})")
+        else:
+            kept.append(directory)
+    return kept
 
 
 def _encoder_rows(
