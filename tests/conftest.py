@@ -134,3 +134,45 @@ def onnx_classifier(tiny_tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp("encoder-onnx") / "onnx"
     export_classifier(classifier, out)
     return classifier, out
+
+
+@pytest.fixture(scope="session")
+def onnx_gpt(tmp_path_factory) -> Path:
+    """The ONNX export directory of tiny_models' tiny GPT (block_size 64, model name "tiny"): exported once for
+    the session (an export takes seconds); read-only."""
+    from tiny_models import export_tiny_model
+
+    from lmpipe.export import ExportConfig
+
+    root = tmp_path_factory.mktemp("gpt-onnx")
+    export_tiny_model(root, root / "onnx", ExportConfig(parity_decode_steps=2), variant_name="tiny")
+    return root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def served_gpt(onnx_gpt, tmp_path_factory):
+    """A real `lmpipe serve` of `onnx_gpt` with the default limits (live_server.LiveServer), for the session."""
+    from live_server import lmpipe_serve
+
+    with lmpipe_serve(onnx_gpt, tmp_path_factory.mktemp("served-gpt") / "serve.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def chromium_browser():
+    """Headless Debian Chromium under Playwright, for the session (see tests/browser.py: skips without a
+    local chromium, fails under CI)."""
+    from browser import chromium
+
+    with chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+def chromium_page(chromium_browser):
+    """A fresh page in its own browser context (no cookies or storage shared between tests)."""
+    context = chromium_browser.new_context()
+    try:
+        yield context.new_page()
+    finally:
+        context.close()

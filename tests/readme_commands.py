@@ -20,6 +20,7 @@ SKIP = {
     "dvc exp run": "trains the whole pipeline again; the end-to-end test runs `dvc exp run -S experiment=smoke ...`",
     "lmpipe serve": "a server that runs until stopped (tests/test_serve*.py cover it)",
     "curl ": "talks to the server above",
+    "OpenAI(base_url=": "a client of the server above (tests/test_serve_openai_client.py makes the same calls)",
 }
 
 

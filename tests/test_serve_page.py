@@ -1,0 +1,63 @@
+"""The chat page `lmpipe serve` answers at `/`, opened in headless Chromium as a person would use it: the model
+name shown, a message typed and sent, the reply streamed in, a refusal shown. The replies are checked against
+the engine run in this process on the same export (greedy: the page's temperature set to 0)."""
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from lmpipe.inference.engine import OrtEngine
+from lmpipe.inference.sampling import GenerationParams
+
+MESSAGE = "Who created the earth?"
+
+
+@pytest.fixture(scope="module")
+def engine(onnx_gpt):
+    return OrtEngine(onnx_gpt, threads=1)
+
+
+@pytest.fixture
+def page(chromium_page, served_gpt):
+    chromium_page.goto(f"{served_gpt.base}/")
+    return chromium_page
+
+
+def test_the_page_is_html_at_the_root(served_gpt):
+    response = httpx.get(f"{served_gpt.base}/", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "v1/chat/completions" in response.text and "<script>" in response.text
+
+
+def test_a_sent_message_gets_the_streamed_reply(page, engine):
+    params = GenerationParams(max_new_tokens=12)
+    [want] = engine.generate([MESSAGE], params, chat=True)
+    pieces = sum(1 for delta in engine.stream(MESSAGE, params, chat=True) if delta.text)
+    assert want.text and pieces > 1
+
+    expect(page.locator("#model")).to_have_text("tiny")  # from /v1/models
+    assert page.locator("#max-tokens").get_attribute("max") == "256"  # the server's limit, from /health
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.fill("#message", MESSAGE)
+    page.press("#message", "Enter")
+
+    expect(page.locator(".msg.user")).to_have_text(MESSAGE)
+    reply = page.locator(".msg.assistant[data-done]")
+    expect(reply).to_have_text(want.text)
+    assert reply.get_attribute("data-pieces") == str(pieces)  # one update per streamed delta
+    assert "error" not in (reply.get_attribute("class") or "")
+    expect(page.locator("#status")).to_contain_text(f"{pieces} pieces streamed")
+    expect(page.locator("#status")).to_contain_text(f"finish_reason: {want.finish_reason}")
+    expect(page.locator("#message")).to_have_value("")
+
+
+def test_a_refused_request_shows_the_servers_message(page):
+    expect(page.locator("#model")).to_have_text("tiny")
+    page.fill("#max-tokens", "60")  # within the server's limit, beyond the model's context of 64
+    page.fill("#message", MESSAGE)
+    page.click("#send")
+    reply = page.locator(".msg.assistant.error")
+    expect(reply).to_contain_text("max_tokens=60")
+    expect(reply).to_contain_text("more than the model's context of 64 tokens")
+    expect(page.locator("#send")).to_be_enabled()
