@@ -6,6 +6,7 @@ Not a test module (like tiny_models.py): tests import it by name through `python
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
+
+API_KEY_ENV = "LMPIPE_API_KEY"
+"""Where `lmpipe serve` takes its API key from when --api-key is not given (lmpipe.cli.API_KEY_ENV)."""
+
+
+def serve_takes_api_key() -> bool:
+    """Whether `lmpipe serve` has the --api-key option (issue 11, landing beside the tests that use it)."""
+    from lmpipe.cli import build_parser
+
+    _, unknown = build_parser().parse_known_args(["serve", "--api-key", "k"])
+    return not unknown
+
+
+needs_api_key = pytest.mark.xfail(
+    not serve_takes_api_key(), reason="lmpipe serve has no --api-key option yet", strict=False
+)
+"""For the tests of a server with an API key, until `lmpipe serve --api-key` lands (then a no-op)."""
 
 
 def free_port() -> int:
@@ -41,15 +60,19 @@ class LiveServer:
 def lmpipe_serve(
     model: Path, log: Path, *options: str, env: dict[str, str] | None = None, startup_s: float = 60
 ) -> Iterator[LiveServer]:
-    """Run `lmpipe serve --model <model> --port <free> --threads 1 <options>` (environment `env`, None = this
-    one's), logging to `log`; yield once /health answers at all, and stop it with SIGTERM (uvicorn's graceful
-    shutdown) on the way out. A server that exits or stays silent before /health answers fails with its log."""
+    """Run `lmpipe serve --model <model> --port <free> --threads 1 <options>`, logging to `log`; yield once
+    /health answers at all, and stop it with SIGTERM (uvicorn's graceful shutdown) on the way out. A server that
+    exits or stays silent before /health answers fails with its log.
+
+    Its environment is this one's without LMPIPE_API_KEY (one set here would guard every test's server), plus
+    `env`."""
     port = free_port()
     command = [sys.executable, "-m", "lmpipe.cli", "serve", "--model", str(model), "--port", str(port)]
     command += ["--threads", "1", *options]
     server = LiveServer(f"http://127.0.0.1:{port}", log)
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        environment = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | (env or {})
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
         try:
             _wait_for_health(proc, server, startup_s)
             yield server

@@ -5,9 +5,8 @@ engine run in this process on the same export (greedy, or sampled with the same 
 import httpx
 import openai
 import pytest
-from live_server import lmpipe_serve
+from live_server import API_KEY_ENV, lmpipe_serve, needs_api_key
 
-from lmpipe.cli import build_parser
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
 
@@ -122,15 +121,12 @@ def test_any_key_is_accepted_without_api_key(served_gpt):
             assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def serve_takes_api_key() -> bool:
-    """Whether `lmpipe serve` has the --api-key option (being added alongside this test)."""
-    _, unknown = build_parser().parse_known_args(["serve", "--api-key", "k"])
-    return not unknown
-
-
-@pytest.mark.xfail(not serve_takes_api_key(), reason="lmpipe serve has no --api-key option yet", strict=False)
-def test_with_api_key_only_that_key_gets_in(onnx_gpt, tmp_path, engine):
-    with lmpipe_serve(onnx_gpt, tmp_path / "serve.log", "--api-key", "sk-right") as server:
+@needs_api_key
+@pytest.mark.parametrize("given", ["option", "env"])
+def test_with_api_key_only_that_key_gets_in(onnx_gpt, tmp_path, engine, given):
+    """The key given as --api-key, or in LMPIPE_API_KEY as a deployment would."""
+    options, env = (["--api-key", "sk-right"], None) if given == "option" else ([], {API_KEY_ENV: "sk-right"})
+    with lmpipe_serve(onnx_gpt, tmp_path / "serve.log", *options, env=env) as server:
         base = f"{server.base}/v1"
         with openai.OpenAI(base_url=base, api_key="sk-wrong") as wrong:
             with pytest.raises(openai.AuthenticationError) as caught:

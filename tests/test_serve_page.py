@@ -2,8 +2,11 @@
 name shown, a message typed and sent, the reply streamed in, a refusal shown. The replies are checked against
 the engine run in this process on the same export (greedy: the page's temperature set to 0)."""
 
+import re
+
 import httpx
 import pytest
+from live_server import lmpipe_serve, needs_api_key
 from playwright.sync_api import expect
 
 from lmpipe.inference.engine import OrtEngine
@@ -61,3 +64,21 @@ def test_a_refused_request_shows_the_servers_message(page):
     expect(reply).to_contain_text("max_tokens=60")
     expect(reply).to_contain_text("more than the model's context of 64 tokens")
     expect(page.locator("#send")).to_be_enabled()
+
+
+@needs_api_key
+def test_with_an_api_key_the_page_asks_for_it_and_then_works(chromium_page, onnx_gpt, tmp_path):
+    with lmpipe_serve(onnx_gpt, tmp_path / "serve.log", "--api-key", "sk-page") as server:
+        page = chromium_page
+        page.goto(f"{server.base}/")  # the page itself needs no key
+        expect(page.locator("#status")).to_contain_text("could not list the models: missing API key")
+        page.fill("#api-key", "sk-page")
+        page.press("#api-key", "Tab")  # a change event: the page lists the models again, with the key
+        expect(page.locator("#model")).to_have_text("tiny")
+        expect(page.locator("#status")).to_have_text("")
+        page.fill("#max-tokens", "4")
+        page.fill("#message", MESSAGE)
+        page.press("#message", "Enter")
+        reply = page.locator(".msg.assistant[data-done]")
+        expect(reply).to_have_attribute("data-pieces", re.compile(r"[1-9]"))
+        assert "error" not in (reply.get_attribute("class") or "")
