@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
+.PHONY: setup train exp compare test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -30,8 +30,22 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 
 setup: $(BIN)/.installed  ## create .venv and install the locked dependencies (nothing else)
 
-train: setup  ## run the whole DVC pipeline on the default experiment (dvc repro)
-	LMPIPE_PIPELINE_ID=$${LMPIPE_PIPELINE_ID:-make-$$(date +%Y%m%d-%H%M%S)} $(BIN)/dvc repro
+# After the pipeline, failed or not, lmpipe.pipeline_run fills its MLflow pipeline run (params, headline
+# metrics, span, status); make exits with the pipeline's status.
+train: setup  ## run the whole DVC pipeline on the default experiment (dvc repro), then fill its MLflow pipeline run
+	@pid=$${LMPIPE_PIPELINE_ID:-make-$$(date +%Y%m%d-%H%M%S)}; \
+	LMPIPE_PIPELINE_ID=$$pid $(BIN)/dvc repro; rc=$$?; \
+	$(BIN)/python -m lmpipe.pipeline_run --id $$pid $$([ $$rc = 0 ] || echo --failed); prc=$$?; \
+	exit $$([ $$rc != 0 ] && echo $$rc || echo $$prc)
+
+exp: setup  ## dvc exp run with ARGS (e.g. ARGS="-S optimizer.lr=0.002"; EXP names it), then fill its MLflow pipeline run
+	@name=$${EXP:-exp-$$(date +%Y%m%d-%H%M%S)}; \
+	LMPIPE_PIPELINE_ID=$$name $(BIN)/dvc exp run -n $$name $(ARGS); rc=$$?; \
+	DVC_EXP_NAME=$$name $(BIN)/python -m lmpipe.pipeline_run --id $$name $$([ $$rc = 0 ] || echo --failed); prc=$$?; \
+	exit $$([ $$rc != 0 ] && echo $$rc || echo $$prc)
+
+compare: setup  ## this commit's DVC experiments side by side (changed params, headline metrics); plots/compare/index.html: dvc plots diff of the two newest
+	$(BIN)/python -m lmpipe.exp_compare --plots plots/compare $(ARGS)
 
 test: setup  ## run the whole test suite, end-to-end DVC runs included
 	$(BIN)/pytest -q
@@ -76,7 +90,8 @@ lint: setup  ## ruff
 params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make params OVERRIDES="experiment=smoke"
 	$(BIN)/lmpipe params $(OVERRIDES)
 
-ui: setup  ## open the MLflow UI on http://127.0.0.1:5000
+ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 (prints the runs table's address)
+	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:5000 | sed 's/^/open /'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)

@@ -6,6 +6,11 @@ the parent run `pipeline <id>`; the id comes from, in order: `LMPIPE_PIPELINE_ID
 `DVC_EXP_NAME` (set by `dvc exp run`), else a fingerprint of the git commit and params.yaml, so that the
 stages of a plain `dvc repro` still land together.
 
+The parent run spans its stages: each stage's end moves the parent's end time to the latest stage end and marks
+it FAILED while the latest run of some stage failed. Its params and headline metrics come afterwards from
+`python -m lmpipe.pipeline_run` (which `make train` runs afterwards). The experiment is tagged as a model
+training experiment (`EXPERIMENT_KIND`).
+
 The default store is embedded: `sqlite:///mlruns.db` with artifacts under `mlartifacts/`. The environment
 variable `MLFLOW_TRACKING_URI` points every stage at a real server instead.
 """
@@ -19,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +44,17 @@ PIPELINE_ID_ENV = "LMPIPE_PIPELINE_ID"
 TAG_PIPELINE = "lmpipe.pipeline_id"
 TAG_STAGE = "lmpipe.stage"
 TAG_KIND = "lmpipe.kind"
+TAG_DIRTY = "lmpipe.git_dirty"
+TAG_DVC_EXP = "lmpipe.dvc_exp"
+"""The DVC experiment name (DVC_EXP_NAME, set by `dvc exp run`) of a stage run and its pipeline run."""
+TAG_STAGES_RUN = "lmpipe.stages_run"
+"""On a pipeline run: the stages that ran in it (the others' results came from DVC's cache), or "none"."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's kind for a model-training experiment ("Machine learning" in the UI, not "GenAI apps & agents"):
+versions whose UI reads the experiment's kind open it on the runs table. MLflow 3.17's UI decides by its own
+sidebar switch instead, which the URL `?workflowType=machine_learning` sets (see `runs_url`)."""
+FAILED_STATUSES = ("FAILED", "KILLED")
 
 
 @config.schema("logger")
@@ -82,23 +99,41 @@ def pipeline_id(params_file: Path = config.PARAMS_FILE) -> str:
     return "repro-" + digest.hexdigest()[:12]
 
 
-def _experiment_id(cfg: TrackingConfig) -> str:
+def dvc_exp_name() -> str | None:
+    """The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME), or None."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
+def experiment_id(cfg: TrackingConfig) -> str:
+    """The id of the project's experiment (created if absent), tagged as a model-training experiment; also
+    points MLflow's client at the configured store."""
     import mlflow
 
     uri = cfg.resolved_uri
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is not None:
+        if (
+            EXPERIMENT_KIND_TAG not in experiment.tags
+        ):  # a store from before the tag (a kind set by hand stays)
+            client = mlflow.MlflowClient()
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     location = cfg.artifact_location
     if "://" not in location:
         # A bare folder is only meaningful for an embedded store; a server picks its own artifact root.
         local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
         location = Path(location).resolve().as_uri() if local_store else None
-    return mlflow.create_experiment(cfg.experiment_name, artifact_location=location)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=tags)
 
 
-def _parent_run(experiment_id: str, pid: str, commit: str) -> str:
+def runs_url(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table of an experiment, as a model-training experiment (see EXPERIMENT_KIND)."""
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def parent_run(experiment_id: str, pid: str, commit: str) -> str:
     """Find or create the parent run of this pipeline execution; returns its run id."""
     from mlflow.tracking import MlflowClient
 
@@ -110,15 +145,35 @@ def _parent_run(experiment_id: str, pid: str, commit: str) -> str:
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=f"pipeline {pid}",
-        tags={TAG_KIND: "pipeline", TAG_PIPELINE: pid, "mlflow.source.git.commit": commit},
-    )
+    tags = {TAG_KIND: "pipeline", TAG_PIPELINE: pid, "mlflow.source.git.commit": commit}
+    if dvc_exp_name():
+        tags[TAG_DVC_EXP] = dvc_exp_name()
+    run = client.create_run(experiment_id, run_name=f"pipeline {pid}", tags=tags)
     if config.PARAMS_FILE.exists():
         client.log_artifact(run.info.run_id, str(config.PARAMS_FILE))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def stage_runs(client, experiment_id: str, pid: str) -> list:
+    """Every stage run of pipeline `pid` (re-runs of a stage included), oldest first."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE}` = '{pid}' and tags.`{TAG_KIND}` = 'stage'",
+        max_results=5000,
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def close_pipeline_run(client, parent_id: str, children: Sequence, failed: bool = False) -> str:
+    """End the parent run where its latest stage ended, FAILED if `failed` or the latest run of some stage
+    failed (a stage re-run that succeeded clears its earlier failure); returns the status."""
+    latest = {run.data.tags.get(TAG_STAGE): run for run in children}  # oldest first: the last one wins
+    failed = failed or any(run.info.status in FAILED_STATUSES for run in latest.values())
+    ends = [run.info.end_time for run in children if run.info.end_time]
+    status = "FAILED" if failed else "FINISHED"
+    client.set_terminated(parent_id, status, end_time=max(ends) if ends else int(time.time() * 1000))
+    return status
 
 
 @contextlib.contextmanager
@@ -131,29 +186,38 @@ def stage_run(stage: str, cfg: DictConfig, sections: Sequence[str]) -> Iterator[
         yield None
         return
     tracking: TrackingConfig = config.build(cfg.logger)
-    experiment_id = _experiment_id(tracking)
+    experiment = experiment_id(tracking)
     pid = pipeline_id()
     commit, dirty = git_commit()
+    parent = parent_run(experiment, pid, commit)
     tags = {
         TAG_KIND: "stage",
         TAG_STAGE: stage,
         TAG_PIPELINE: pid,
-        "mlflow.parentRunId": _parent_run(experiment_id, pid, commit),
+        "mlflow.parentRunId": parent,
         "mlflow.source.git.commit": commit,
         "mlflow.source.name": f"pipelines/{stage}.py",
-        "lmpipe.git_dirty": str(dirty).lower(),
+        TAG_DIRTY: str(dirty).lower(),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        params = config.flatten({name: _loggable(cfg[name]) for name in sections})
-        mlflow.log_params({k: _short(v) for k, v in params.items()})
-        yield run
+    if dvc_exp_name():
+        tags[TAG_DVC_EXP] = dvc_exp_name()
+    try:
+        with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
+            params = config.flatten({name: loggable(cfg[name]) for name in sections})
+            mlflow.log_params({k: short(v) for k, v in params.items()})
+            yield run
+    finally:  # the stage's run has its final status here, failed or not
+        client = mlflow.MlflowClient()
+        close_pipeline_run(client, parent, stage_runs(client, experiment, pid))
 
 
-def _loggable(section: Any) -> Any:
+def loggable(section: Any) -> Any:
+    """A config section as plain data for logging (without Hydra's `_target_`)."""
     return config.to_container(section) if isinstance(section, DictConfig) else section
 
 
-def _short(value: Any, limit: int = 6000) -> str:
+def short(value: Any, limit: int = 6000) -> str:
+    """A param value as MLflow stores it: text of at most `limit` characters (MLflow's own limit)."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -183,10 +247,15 @@ def log_metrics(metrics: dict, prefix: str = "") -> None:
     flat = config.flatten(metrics, prefix)
     numeric = {
         # numbers.Real also admits numpy scalars (np.int64, np.float32 are not int/float subclasses).
-        # MLflow allows only alphanumerics and _-. :/ in metric names ("tf-idf + logistic regression" has a +).
-        re.sub(r"[^\w\-. :/]", "_", k): float(v)
+        metric_name(k): float(v)
         for k, v in flat.items()
         if isinstance(v, numbers.Real) and not isinstance(v, bool)
     }
     if mlflow.active_run() is not None and numeric:
         mlflow.log_metrics(numeric)
+
+
+def metric_name(key: str) -> str:
+    """`key` with what MLflow refuses in a metric name (all but alphanumerics and _-. :/) as "_":
+    "tf-idf + logistic regression" has a +."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
