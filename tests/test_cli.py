@@ -239,6 +239,41 @@ def test_serve_builds_its_config_from_the_options(monkeypatch, capsys):
     )
 
 
+def test_serve_takes_the_batching_options_and_the_api_key_from_the_environment(monkeypatch):
+    from lmpipe import serve
+
+    served = []
+    monkeypatch.setattr(serve, "serve", served.append)
+    monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
+    options = [
+        "--max-running",
+        "4",
+        "--max-queue",
+        "9",
+        "--request-timeout",
+        "2.5",
+        "--shutdown-timeout",
+        "0",
+    ]
+    assert cli.main(["serve", *options, "--max-body-bytes", "5000"]) == 0
+    assert cli.main(["serve", "--api-key", "given"]) == 0
+    monkeypatch.delenv(cli.API_KEY_ENV)
+    assert cli.main(["serve"]) == 0
+    assert served == [
+        serve.ServeConfig(
+            max_running=4,
+            max_queue=9,
+            request_timeout=2.5,
+            shutdown_timeout=0,
+            max_body_bytes=5000,
+            api_key="from-env",
+        ),
+        serve.ServeConfig(api_key="given"),
+        serve.ServeConfig(api_key=""),
+    ]
+    assert "from-env" not in repr(served[0])  # the key stays out of logs and tracebacks
+
+
 def test_cli_start_up_imports_no_inference_or_web_stack():
     code = (
         "import sys, lmpipe.cli; "

@@ -8,6 +8,8 @@ def test_serve_config_defaults():
     cfg = ServeConfig()
     assert (cfg.model, cfg.host, cfg.port) == ("models/onnx/teacher-int8", "127.0.0.1", 8000)
     assert (cfg.threads, cfg.max_prompt_tokens, cfg.max_tokens_limit, cfg.max_batch) == (0, 0, 256, 8)
+    assert (cfg.max_running, cfg.max_queue, cfg.request_timeout, cfg.shutdown_timeout) == (16, 64, 60, 10)
+    assert (cfg.max_body_bytes, cfg.api_key) == (1_000_000, "")
 
 
 @pytest.mark.parametrize(
@@ -24,6 +26,13 @@ def test_serve_config_defaults():
         ("max_batch", 0),
         ("max_batch", True),
         ("classifier", " "),
+        ("max_running", 0),
+        ("max_queue", 0),
+        ("request_timeout", 0),
+        ("request_timeout", float("inf")),
+        ("shutdown_timeout", -1),
+        ("max_body_bytes", 0),
+        ("api_key", 5),
     ],
 )
 def test_serve_config_rejects_bad_fields(field, value):

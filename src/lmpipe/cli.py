@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lmpipe.errors import LmpipeError
@@ -11,6 +12,9 @@ from lmpipe.formats import CLASSIFIER_INT8_DIR
 DEFAULT_MODEL = "models/onnx/teacher-int8"
 """The model `generate` and `serve` load when --model is not given (lmpipe.serve.ServeConfig's default, which a
 test keeps equal: importing it here would load pydantic for every subcommand)."""
+API_KEY_ENV = "LMPIPE_API_KEY"
+"""The environment variable `serve` takes its API key from when --api-key is not given (a key on the command
+line shows in `ps`)."""
 DEFAULT_CLASSIFIER = f"models/onnx/{CLASSIFIER_INT8_DIR}"
 """The encoder classifier `classify` loads when --classifier is not given (the quantize stage's int8 copy)."""
 
@@ -89,6 +93,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "max_prompt_tokens": args.max_prompt_tokens,
         "max_tokens_limit": args.max_tokens_limit,
         "max_batch": args.max_batch,
+        "max_running": args.max_running,
+        "max_queue": args.max_queue,
+        "request_timeout": args.request_timeout,
+        "shutdown_timeout": args.shutdown_timeout,
+        "max_body_bytes": args.max_body_bytes,
+        "api_key": args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
         "classifier": args.classifier,
     }
     serve(ServeConfig(**{k: v for k, v in given.items() if v is not None}))
@@ -134,6 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default block_size - 1)")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default 256)")
     p.add_argument("--max-batch", type=int, help="most prompts per completions request (default 8)")
+    p.add_argument(
+        "--max-running",
+        type=int,
+        help="most sequences decoded together, requests joining between steps; 1 = batching off (default 16)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        help="most requests waiting to join the batch; one more gets a 503 (default 64)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds a request may wait to join the batch, then 503 (default 60)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="seconds running requests get to finish after SIGTERM before they are cancelled (default 10)",
+    )
+    p.add_argument("--max-body-bytes", type=int, help="largest request body; larger: 413 (default 1000000)")
+    p.add_argument(
+        "--api-key",
+        help=f"key /v1 requests must send as 'Authorization: Bearer KEY' (default ${API_KEY_ENV}, else none)",
+    )
     p.add_argument("--classifier", help=f"also serve POST /v1/classify: {classifier_help}")
     p.set_defaults(func=cmd_serve)
 

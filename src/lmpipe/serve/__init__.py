@@ -10,8 +10,9 @@ Given an encoder classifier (`ServeConfig.classifier`), the server also answers 
 (`lmpipe.encoder.http`): texts in, per task the label and probabilities out; without one that route is a 404.
 
 Modules: `config` (ServeConfig), `requests` (the request bodies), `errors` (error bodies), `app` (the routes
-and `create_app`), `page` (`GET /`: a chat page in plain HTML and JavaScript over the API above). One
-engine serves every request, one generation at a time (see `lmpipe.serve.app`).
+and `create_app`), `page` (`GET /`: a chat page in plain HTML and JavaScript over the API above),
+`scheduler` (continuous batching: concurrent requests share the decode steps of one running batch) and
+`guards` (the API key and the body's size and encoding, checked before any route).
 """
 
 from lmpipe.serve.app import create_app, serve

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
@@ -38,6 +39,18 @@ class ServeConfig:
     """Largest max_tokens a request may ask; without max_tokens it gets this or the room its prompt leaves."""
     max_batch: Annotated[int, Field(ge=1)] = 8
     """Most prompts in one completions request."""
+    max_running: Annotated[int, Field(ge=1)] = 16
+    """Most sequences decoded together, requests joining between steps; 1 = one at a time (batching off)."""
+    max_queue: Annotated[int, Field(ge=1)] = 64
+    """Most requests waiting to join the running batch; one more gets a 503 with Retry-After."""
+    request_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    """Seconds a request may wait to join the running batch before it gets a 503."""
+    shutdown_timeout: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
+    """Seconds running requests get to finish after SIGTERM before they are cancelled."""
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1_000_000
+    """Largest request body accepted; a larger one gets a 413."""
+    api_key: str = field(default="", repr=False)  # kept out of logs and tracebacks
+    """Key every /v1 request must send as 'Authorization: Bearer KEY' ('' = any or none; env LMPIPE_API_KEY)."""
     classifier: Annotated[str, AfterValidator(_empty_or_not_blank)] = ""
     """Encoder classifier of POST /v1/classify: ONNX classifier directory or models:/lmpipe-classifier@<alias>
     ('' = none: /v1/classify is a 404)."""

@@ -6,18 +6,36 @@ OpenAI API gets the sampling it asked for by leaving temperature out.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from lmpipe.inference.sampling import DEFAULTS
 
 OPENAI_TEMPERATURE = 1.0
 """The temperature of a request that does not set one (OpenAI's default)."""
+MAX_STOPS = 16
+"""Most stop sequences per request: every generated token of the request is checked against each one, in the
+decode loop that the whole running batch shares (OpenAI takes 4)."""
+MAX_STOP_CHARS = 100
+"""Longest stop sequence, in characters (a stream holds back text while it could still become one)."""
 
 
 def _is_text_or_texts(value) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _unicode(value):
+    """Text that has a UTF-8 encoding: JSON's escapes can spell lone surrogates ("\\ud800"), which no
+    tokenizer takes."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"expected valid Unicode text (a lone surrogate at character {exc.start})"
+            ) from None
+    return value
 
 
 class SamplingRequest(BaseModel):
@@ -40,9 +58,19 @@ class SamplingRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_text_or_texts(cls, value):
-        if value is None or _is_text_or_texts(value):
+        if value is None:
             return value
-        raise ValueError("expected a string or a list of strings")
+        if not _is_text_or_texts(value):
+            raise ValueError("expected a string or a list of strings")
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"{len(stops)} stop sequences: expected at most {MAX_STOPS}")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop sequence of {len(longest)} characters: expected at most {MAX_STOP_CHARS}"
+            )
+        return _unicode(value)
 
     @property
     def stops(self) -> list[str]:
@@ -57,7 +85,7 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _prompt_text_or_texts(cls, value):
         if _is_text_or_texts(value):
-            return value
+            return _unicode(value)
         raise ValueError("expected a string or a list of strings")
 
 
@@ -65,7 +93,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(strict=True)
+    content: Annotated[str, AfterValidator(_unicode)] = Field(strict=True)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -1,0 +1,368 @@
+"""Continuous batching: one decode loop, in a worker thread, shares every step between the running requests.
+
+Why: one forward over B rows costs far less than B forwards of one row (the README's benchmark: a batch of 8
+decodes 3-4x faster per token than a batch of 1), so concurrent users should share steps rather than queue
+for the engine. Why a thread: ONNX Runtime releases the GIL while it runs, so the event loop keeps answering
+(health checks, new requests, streamed chunks) during a step.
+
+A request becomes a `Ticket` (one prompt, or the prompts of one completions request) and waits in a bounded
+queue. Between two steps the loop admits the waiting tickets that fit in `max_running` rows, in arrival order,
+prefills their prompts together (left-padded, as `OrtEngine` batches a request) and joins them to the running
+batch: both caches are left-padded with masked columns to a common length. Every step samples each ticket's
+rows with that ticket's own parameters and random generator, exactly as `OrtEngine.generate` samples the same
+prompts alone: the same draws in the same order, so a seeded result does not depend on what else runs. The
+logits are those of the row alone up to the order in which masked zeros are summed, so fp32 greedy decoding
+gives the same tokens (tested); dynamic int8 quantizes activations over the whole batch, so near-ties can flip.
+Rows that finish, and rows whose client went away, leave the batch before the next forward; the cache columns
+no remaining row reads are cut off, so the cache never outgrows the longest running sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lmpipe.inference.engine import Completion, _stable_length
+from lmpipe.inference.sampling import GenerationParams, sample_next
+from lmpipe.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from lmpipe.inference.engine import OrtEngine, Past, _Sequence
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+"""What a 503 for a full queue tells the client to wait (Retry-After, seconds): slots free every few steps."""
+
+Delta = tuple[int, str, str | None]
+"""(prompt index in its request, new text, finish reason or None), as `OrtEngine.stream` yields them."""
+
+
+class Ticket:
+    """One request in the scheduler: its sequences, sampling parameters and random generator, and the queue
+    through which the worker thread reports to the request's coroutine (admitted, deltas, done or an error).
+
+    Created by `Scheduler.submit` on the event loop; everything but `cancel` and the awaiting methods is the
+    worker's."""
+
+    def __init__(self, sequences: list[_Sequence], params: GenerationParams, stream: bool, scheduler):
+        self.sequences, self.params, self.stream = sequences, params, stream
+        self.rng = np.random.default_rng(params.seed)
+        self.cancelled = False
+        self._admitted = False
+        self._scheduler = scheduler
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._sent = [0] * len(sequences)
+        self._pending: list[Delta] = []
+
+    # --- the request's side (event loop) ---
+
+    async def admitted(self) -> None:
+        """Return once the request's rows are in the running batch (raises what the worker reported)."""
+        if self._admitted:
+            return
+        kind, value = await self._events.get()
+        if kind == "error":
+            raise value
+        assert kind == "admitted", kind
+        self._admitted = True
+
+    async def result(self) -> list[Completion]:
+        """The completions, once every row has finished."""
+        kind, value = await self._events.get()
+        if kind == "error":
+            raise value
+        return value
+
+    async def deltas(self) -> AsyncIterator[list[Delta]]:
+        """The streamed pieces, a step's worth at a time, until every row has finished."""
+        while True:
+            kind, value = await self._events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+
+    def cancel(self) -> None:
+        """Give the request up (its client left, or it waited too long): it leaves the queue now, or the batch
+        before the next step. Harmless once it has finished."""
+        self._scheduler._withdraw(self)
+
+    # --- the worker's side ---
+
+    def _post(self, kind: str, value=None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _pushed(self, index: int) -> None:
+        """Note what row `index`'s new token lets a stream send (text held back as `OrtEngine.stream` does)."""
+        if not self.stream:
+            return
+        seq, sent = self.sequences[index], self._sent[index]
+        if seq.finish_reason is not None:
+            self._pending.append((index, seq.text[sent:], seq.finish_reason))
+            return
+        stable = _stable_length(seq.text, self.params.stop)
+        if stable > sent:
+            self._pending.append((index, seq.text[sent:stable], None))
+            self._sent[index] = stable
+
+    def _flush(self) -> bool:
+        """Post this step's deltas, and the end once every row has finished (then True)."""
+        if self._pending:
+            self._post("deltas", self._pending)
+            self._pending = []
+        if any(seq.finish_reason is None for seq in self.sequences):
+            return False
+        self._post("done", None if self.stream else [_completion(seq) for seq in self.sequences])
+        return True
+
+
+class Scheduler:
+    """The waiting queue and the decode loop over one engine. `submit` and `cancel` are called on the event
+    loop; the loop itself runs in a daemon thread, started by `start` (or the first `submit`)."""
+
+    def __init__(self, engine: OrtEngine, max_running: int, max_queue: int):
+        self.engine, self.max_running, self.max_queue = engine, max_running, max_queue
+        self._cond = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._batch = _Batch(engine)
+        self._prefilling = 0
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch, those being prefilled to join it included."""
+        return len(self._batch.rows) + self._prefilling
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting to join the running batch."""
+        return len(self._waiting)
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._work, name="lmpipe-decode", daemon=True)
+                self._thread.start()
+
+    def submit(self, prompt_ids: list[list[int]], params: GenerationParams, stream: bool) -> Ticket:
+        """Queue the prompts (token ids, already checked to fit the context) as one request; a full queue or
+        a server shutting down is a 503."""
+        track_text = stream or bool(params.stop)
+        sequences = [self.engine._sequence(list(ids), params, track_text) for ids in prompt_ids]
+        ticket = Ticket(sequences, params, stream, self)
+        with self._cond:
+            if self._closing:
+                raise ApiError(503, "the server is shutting down: retry on another instance", code="shutdown")
+            if len(self._waiting) >= self.max_queue:
+                raise ApiError(
+                    503,
+                    f"{len(self._waiting)} requests already wait to be served (max_queue={self.max_queue}): "
+                    f"retry in {RETRY_AFTER_S} s",
+                    code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            self._waiting.append(ticket)
+            self._cond.notify()
+        self.start()
+        return ticket
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop the loop: whatever still waits or runs gets a 503; wait up to `timeout` s for the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _withdraw(self, ticket: Ticket) -> None:
+        with self._cond:
+            ticket.cancelled = True
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+
+    def _take(self, running: int) -> list[Ticket]:
+        """The waiting tickets that join now (called holding the lock): in arrival order while their rows fit;
+        a request with more prompts than max_running joins alone once the batch is empty."""
+        taken, rows = [], running
+        while self._waiting:
+            n = len(self._waiting[0].sequences)
+            if rows + n > self.max_running and rows > 0:
+                break
+            taken.append(self._waiting.popleft())
+            rows += n
+        return taken
+
+    def _work(self) -> None:
+        batch = self._batch
+        while True:
+            with self._cond:
+                while not (self._waiting or batch.rows or self._closing):
+                    self._cond.wait()
+                if self._closing:
+                    leftover = [*self._waiting, *batch.tickets()]
+                    self._waiting.clear()
+                    break
+                joining = self._take(len(batch.rows))
+            if joining:
+                self._join(batch, joining)
+            if batch.rows:
+                self._step(batch)
+        batch.clear()
+        for ticket in leftover:
+            ticket._post(
+                "error", ApiError(503, "the server shut down before this request finished", code="shutdown")
+            )
+
+    def _join(self, batch: _Batch, tickets: list[Ticket]) -> None:
+        """Prefill the joining tickets together and add their rows to the batch."""
+        rows = [(t, i) for t in tickets for i in range(len(t.sequences))]
+        self._prefilling = len(rows)
+        try:
+            batch.add(rows, [t.sequences[i].prompt_ids for t, i in rows])
+        except Exception as exc:  # a broken engine must not take the loop down: these requests fail
+            log.exception("prefill of %d prompts failed", len(rows))
+            _fail(tickets, exc)
+            return
+        finally:
+            self._prefilling = 0
+        for ticket in tickets:
+            ticket._post("admitted")
+
+    def _step(self, batch: _Batch) -> None:
+        """Sample every row's next token with its request's parameters, report it, let finished and
+        cancelled rows go, and run the next forward."""
+        tokens = np.zeros(len(batch.rows), dtype=np.int64)
+        groups: dict[Ticket, list[int]] = {}
+        for r, (ticket, _) in enumerate(batch.rows):
+            groups.setdefault(ticket, []).append(r)
+        for ticket, rows in groups.items():
+            if not ticket.cancelled:
+                tokens[rows] = sample_next(batch.logits[rows], ticket.params, ticket.rng)
+        keep = []
+        for r, (ticket, i) in enumerate(batch.rows):
+            if ticket.cancelled:
+                continue
+            seq = ticket.sequences[i]
+            seq.push(int(tokens[r]))
+            ticket._pushed(i)
+            if seq.finish_reason is None:
+                keep.append(r)
+        for ticket in groups:
+            if not ticket.cancelled:
+                ticket._flush()
+        batch.keep(keep)
+        if batch.rows:
+            try:
+                batch.advance(tokens[keep])
+            except Exception as exc:
+                log.exception("decode step over %d rows failed", len(batch.rows))
+                _fail(batch.tickets(), exc)
+                batch.clear()
+
+
+class _Batch:
+    """The running rows and what the next step needs: each row's last logits, the per-layer cache, the
+    attention mask over the cache's columns and each row's next position."""
+
+    def __init__(self, engine: OrtEngine):
+        self.engine = engine
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: list[tuple[Ticket, int]] = []
+        self.logits = np.zeros((0, 0), dtype=np.float32)  # (rows, vocabulary) once a row has joined
+        self.past: Past = []
+        self.mask = np.zeros((0, 0), dtype=np.int64)
+        self.next_pos = np.zeros((0, 1), dtype=np.int64)
+
+    def tickets(self) -> list[Ticket]:
+        return list(dict.fromkeys(t for t, _ in self.rows))
+
+    def add(self, rows: list[tuple[Ticket, int]], prompts: list[list[int]]) -> None:
+        """Prefill `prompts` (left-padded among themselves) and join their rows to the batch."""
+        width = max(map(len, prompts))
+        ids = np.full((len(prompts), width), self.engine.config["pad_id"], dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, prompt in enumerate(prompts):
+            ids[r, width - len(prompt) :] = prompt
+            mask[r, width - len(prompt) :] = 1
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+        logits, past = self.engine.forward(ids, positions, mask, None)
+        logits, next_pos = logits[:, -1], positions[:, -1:] + 1
+        if self.rows:
+            past = [
+                (_right_aligned(k0, k1, axis=2), _right_aligned(v0, v1, axis=2))
+                for (k0, v0), (k1, v1) in zip(self.past, past, strict=True)
+            ]
+            mask = _right_aligned(self.mask, mask, axis=1)
+            logits = np.concatenate((self.logits, logits))
+            next_pos = np.concatenate((self.next_pos, next_pos))
+        self.past, self.mask, self.logits, self.next_pos = past, mask, logits, next_pos
+        self.rows = self.rows + rows
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only batch rows `rows`, and cut the leading cache columns none of them reads."""
+        if len(rows) == len(self.rows):
+            return
+        index = np.asarray(rows, dtype=np.int64)
+        self.rows = [self.rows[r] for r in rows]
+        mask = self.mask[index]
+        cut = int(mask.any(axis=0).argmax()) if len(rows) else 0
+        self.mask = np.ascontiguousarray(mask[:, cut:])
+        self.past = [
+            (np.ascontiguousarray(k[index, :, cut:]), np.ascontiguousarray(v[index, :, cut:]))
+            for k, v in self.past
+        ]
+        self.logits, self.next_pos = self.logits[index], self.next_pos[index]
+
+    def advance(self, tokens: np.ndarray) -> None:
+        """Feed each row its new token: the logits of the next step."""
+        self.mask = np.concatenate((self.mask, np.ones((len(self.rows), 1), dtype=np.int64)), axis=1)
+        logits, self.past = self.engine.forward(tokens[:, None], self.next_pos, self.mask, self.past)
+        self.logits = logits[:, -1]
+        self.next_pos = self.next_pos + 1
+
+
+def _right_aligned(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """a's rows then b's, each left-padded with zeros along `axis` to the longer of the two."""
+    width = max(a.shape[axis], b.shape[axis])
+    shape = list(a.shape)
+    shape[0], shape[axis] = a.shape[0] + b.shape[0], width
+    out = np.zeros(shape, dtype=a.dtype)
+    for start, part in ((0, a), (a.shape[0], b)):
+        where = [slice(None)] * a.ndim
+        where[0] = slice(start, start + part.shape[0])
+        where[axis] = slice(width - part.shape[axis], width)
+        out[tuple(where)] = part
+    return out
+
+
+def _completion(seq: _Sequence) -> Completion:
+    return Completion(
+        text=seq.text,
+        token_ids=seq.token_ids,
+        finish_reason=seq.finish_reason,
+        prompt_tokens=len(seq.prompt_ids),
+        completion_tokens=len(seq.token_ids),
+    )
+
+
+def _fail(tickets: list[Ticket], exc: Exception) -> None:
+    error = ApiError(500, f"generation failed: {type(exc).__name__}: {exc}"[:300], code="generation_failed")
+    for ticket in tickets:
+        ticket.cancelled = True
+        ticket._post("error", error)
