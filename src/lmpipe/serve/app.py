@@ -31,6 +31,7 @@ from lmpipe.inference.sampling import GenerationParams
 from lmpipe.serve.config import ServeConfig
 from lmpipe.serve.errors import HANDLERS, ApiError
 from lmpipe.serve.guards import Guard
+from lmpipe.serve.page import page_router
 from lmpipe.serve.requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from lmpipe.serve.scheduler import Scheduler, Ticket
 
@@ -331,6 +332,7 @@ def create_app(engine: OrtEngine, cfg: ServeConfig, classifier: OrtClassifier | 
     app.state.server = server
     app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     app.include_router(router)
+    app.include_router(page_router)  # the chat page at /
     if classifier is not None:
         from lmpipe.encoder.http import classify_router
 
