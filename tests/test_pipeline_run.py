@@ -299,3 +299,13 @@ def test_stages_out_of_date_are_left_out_and_an_unknown_state_is_said(workspace,
     assert pipeline_run.main(["--id", "make-6"]) == 0  # not a DVC repository: dvc status cannot tell
     assert "out of date, left out: unknown (dvc status failed)" in capsys.readouterr().out
     assert parent_of("make-6").data.tags["lmpipe.stale_stages"] == "unknown"
+
+
+def test_dvc_is_the_one_beside_this_python_so_make_needs_no_activated_venv(monkeypatch, tmp_path):
+    from lmpipe.pipeline_run import dvc_command
+
+    (tmp_path / "python").touch()
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
+    assert dvc_command() == "dvc"  # nothing beside it: PATH decides
+    (tmp_path / "dvc").touch()
+    assert dvc_command() == str(tmp_path / "dvc")

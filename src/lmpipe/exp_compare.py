@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from lmpipe import config
 from lmpipe.errors import LmpipeError
-from lmpipe.pipeline_run import HEADLINES, headline_figures
+from lmpipe.pipeline_run import HEADLINES, dvc_command, headline_figures
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class Column:
 
 def exp_show(args: Sequence[str] = ()) -> list[dict]:
     """`dvc exp show --json` parsed; one line naming what failed otherwise."""
-    cmd = ["dvc", "exp", "show", "--json", *args]
+    cmd = [dvc_command(), "exp", "show", "--json", *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:
         raise LmpipeError(f"cannot run dvc: {exc} (run 'make setup')") from exc
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LmpipeError(f"'{' '.join(cmd)}' failed ({proc.returncode}): {last}")
+        raise LmpipeError(f"'{' '.join(['dvc', *cmd[1:]])}' failed ({proc.returncode}): {last}")
     return json.loads(proc.stdout or "[]")
 
 
@@ -115,11 +115,11 @@ def newest_experiments(cols: Sequence[Column], n: int = 2) -> list[str]:
 def plots_diff(revs: Sequence[str], out_dir: str) -> tuple[str, str | None]:
     """`dvc plots diff` of `revs` into `out_dir`: the HTML file, and DVC's warning when some revision had no
     plot data (an experiment keeps a plot only if its output is cached or committed)."""
-    cmd = ["dvc", "plots", "diff", *revs, "-o", out_dir]
+    cmd = [dvc_command(), "plots", "diff", *revs, "-o", out_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LmpipeError(f"'{' '.join(cmd)}' failed ({proc.returncode}): {last}")
+        raise LmpipeError(f"'{' '.join(['dvc', *cmd[1:]])}' failed ({proc.returncode}): {last}")
     output = (proc.stdout + proc.stderr).splitlines()
     warning = next((line.strip() for line in output if "failed to load" in line), None)
     return f"{out_dir}/index.html", warning

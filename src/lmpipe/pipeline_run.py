@@ -207,10 +207,17 @@ def pipeline_params(
     return {key: tracking.short(value) for key, value in flat.items()}
 
 
+def dvc_command() -> str:
+    """The `dvc` installed beside this Python (the project's .venv), else whichever is on PATH: `make` runs
+    `.venv/bin/python` without the virtual environment's bin folder on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    return str(beside) if beside.is_file() else "dvc"
+
+
 def stale_stages() -> set[str] | None:
     """The stages `dvc status` lists as out of date; None where DVC cannot tell (no DVC repository)."""
     try:
-        proc = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([dvc_command(), "status", "--json"], capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:
