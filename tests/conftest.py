@@ -158,10 +158,11 @@ def served_gpt(onnx_gpt, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium_browser():
-    """Headless Debian Chromium under Playwright, for the session (see tests/browser.py: skips without a
-    local chromium, fails under CI)."""
+    """Headless Debian Chromium under Playwright, for one test module (see tests/browser.py: skips without a
+    local chromium, fails under CI). Not for the session: Playwright's sync API keeps an asyncio loop running
+    in the main thread while it is open, and every later test calling asyncio.run() would fail."""
     from browser import chromium
 
     with chromium() as browser:
