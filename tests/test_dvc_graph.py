@@ -90,3 +90,22 @@ def test_closure_follows_function_level_and_submodule_imports(tmp_path):
     # The sections' `_target_` modules run too (hydra imports them to build the section).
     assert "lmpipe.tokenizer" in dvc_graph.closure(script, ("tokenizer",))
     assert "lmpipe.tokenizer" not in dvc_graph.closure(script, ())
+
+
+def test_training_curves_are_cached_outputs_with_a_plot_so_each_experiment_keeps_and_draws_them():
+    # `dvc plots diff` of two experiments reads each one's plot data from the cache: an uncached
+    # (`cache: false`) output is not part of an experiment, and its curves are lost to the comparison.
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    plot_outs = []
+    for name, stage in raw["stages"].items():
+        for out in stage.get("outs", []):
+            path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if path.startswith("${paths.plots}/"):
+                assert opts.get("cache", True), f"stage {name}: {path} is cache: false"
+                plot_outs.append(path)
+    assert plot_outs
+    drawn = " ".join(str(entry) for entry in raw["plots"])
+    undrawn = [p for p in plot_outs if p not in drawn]
+    assert not undrawn, f"no plot in dvc.yaml draws {undrawn}"
