@@ -224,10 +224,12 @@ def raw_loop(cfg) -> tuple[list[float], float]:
     clip = cfg.trainer.get("gradient_clip_val")
     autocast = PRECISIONS[str(cfg.trainer.precision)][0] == "autocast"
 
-    def loss_of(x, y):
-        return model(x, y).loss
-
     attention = use_attention(model, perf.attention)
+
+    def loss_of(x, y):
+        # inside the compiled function, as in the stage (see TrainingModule.on_fit_start)
+        with attention():
+            return model(x, y).loss
 
     loss_fn = torch.compile(loss_of) if perf.compile else loss_of
     threads = torch.get_num_threads()
@@ -238,10 +240,7 @@ def raw_loop(cfg) -> tuple[list[float], float]:
         for _ in range(total):
             x, y = next(batches)
             # cache_enabled=False as Lightning's bf16 plugin does
-            with (
-                attention(),
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False),
-            ):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
                 loss = loss_fn(x, y)
             loss.backward()
             if clip:

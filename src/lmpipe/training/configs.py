@@ -75,7 +75,7 @@ class PerfConfig:
     sparse_logging: bool = True
     """Log train metrics only on the steps that write logs (trainer.log_every_n_steps): same curves, less work."""
     attention: Literal["auto", "math", "fp32", "explicit"] = "auto"
-    """Attention in training steps: auto (SDPA's flash kernel), math (SDPA's), fp32 (flash on fp32 copies), explicit."""
+    """Attention in training steps: auto (SDPA's flash kernel), math (SDPA's; compiled fp32 keeps flash), fp32 (flash on fp32 copies), explicit."""
     compile: bool = False
     """torch.compile the training loss (its forward and backward); rounds differently, compiles at step 1."""
     threads: NonNegative = 0
@@ -186,13 +186,12 @@ class SFTConfig(FinetuneSchedule, Samples):
     head_tasks: list[str] = field(default_factory=lambda: ["testament", "book"])
     """head: label tasks that get a classification head (their examples are the training data)."""
     replay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """full/lora: share of each batch's rows that are pretraining windows (paths.tokens train), against forgetting."""
+    """full/lora: share of each batch's rows that are pretraining windows (paths.tokens train), against forgetting;
+    method=head ignores it (its GPT is frozen, so it forgets nothing)."""
 
     def __post_init__(self):
         n_examples, n_windows = self.replay_split
-        if self.replay > 0 and self.method == "head":
-            raise LmpipeError(f"sft.replay={self.replay}: expected 0 for method=head (the GPT stays frozen)")
-        if self.replay > 0 and not (n_examples and n_windows):
+        if self.replay > 0 and self.method != "head" and not (n_examples and n_windows):
             raise LmpipeError(
                 f"sft.replay={self.replay}: with sft.batch_size={self.batch_size} a batch would hold {n_windows} "
                 f"windows and {n_examples} examples; expected at least one of each"
@@ -206,8 +205,9 @@ class SFTConfig(FinetuneSchedule, Samples):
 
     @property
     def replay_split(self) -> tuple[int, int]:
-        """(instruction examples, pretraining windows) per micro-batch; the windows' count rounds half up."""
-        n_windows = math.floor(self.replay * self.batch_size + 0.5)
+        """(instruction examples, pretraining windows) per micro-batch; the windows' count rounds half up, and
+        is 0 for method=head."""
+        n_windows = 0 if self.method == "head" else math.floor(self.replay * self.batch_size + 0.5)
         return self.batch_size - n_windows, n_windows
 
 

@@ -103,12 +103,18 @@ class TrainingModule(RngStateInCheckpoints, L.LightningModule):
         # The loss rather than the model is compiled: validation and sampling stay eager, so their other
         # shapes never recompile, and the weights keep their state_dict names.
         compiled = self.perf.compile and self.fixed_shapes
-        self._step_loss = torch.compile(self.training_loss) if compiled else self.training_loss
-        self._attention = use_attention(self, self.perf.attention)
+        attention = use_attention(self, self.perf.attention)
+
+        # The kernel choice is entered inside the compiled function: entered around a call of it, the compiled
+        # graph kept SDPA's flash kernel (profiled: perf.attention=math had no effect once perf.compile was on).
+        def step_loss(batch):
+            with attention():
+                return self.training_loss(batch)
+
+        self._step_loss = torch.compile(step_loss) if compiled else step_loss
 
     def training_step(self, batch, batch_idx):
-        with self._attention():
-            objective, logged = self._step_loss(batch)
+        objective, logged = self._step_loss(batch)
         # Lightning writes a step's logged values to the logger, the loss history and the progress lines only
         # on the steps its connector names; logging on the others is work whose result nobody reads.
         log = not self.perf.sparse_logging or self.trainer._logger_connector.should_update_logs

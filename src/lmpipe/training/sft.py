@@ -287,7 +287,7 @@ def finetune(cfg: DictConfig, run=None) -> SFTResult | None:
         raise LmpipeError(f"{pretrained_dir / TOKENIZER_FILE}: no {PAD} token; expected an lmpipe tokenizer")
     frames, rows, skipped, head_sets = _encode(cfg, scfg, tokenizer, template, max_length)
     replay, replay_data = None, None
-    if scfg.replay > 0:
+    if scfg.replay_split[1]:
         replay, replay_data = _replay_windows(cfg, scfg, pretrained_dir, block_size)
     head_sizes = {task: len(labels) for task, labels in head_sets.items()} if head_sets else None
 
