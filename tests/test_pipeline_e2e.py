@@ -136,6 +136,11 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     assert tax.index("| sft |") < tax.index("| dpo |") < tax.index("| rl |")
     for row in report["variants"].values():
         assert row["decode_tok_s_b1"] > 0 and row["prefill_ms_p95"] >= row["prefill_ms_p50"] > 0
+    card = (path / "metrics/report.md").read_text()  # the report card: every variant, every figure it links
+    assert all(name in card for name in variants) and "Stages drawn: pretrain, sft, distill" in card
+    figures = [line.split("](")[1].rstrip(")") for line in card.splitlines() if line.startswith("![")]
+    assert len(figures) == 3
+    assert all((path / "metrics" / f).read_bytes().startswith(b"\x89PNG") for f in figures)
     register = json.loads((path / "metrics/register.json").read_text())
     assert "champion" in register["aliases"] and register["decision"]["promoted"] is True
     generations = [json.loads(line) for line in (path / "data/generations.jsonl").read_text().splitlines()]
