@@ -318,7 +318,7 @@ def test_the_report_card_goes_to_the_pipeline_run_unless_evaluate_is_out_of_date
     assert pipeline_run.main(["--no-dvc-status", "--id", "make-7"]) == 0
     run_id = parent_of("make-7").info.run_id
     # The page at the root and its figures under report/, where its relative links point.
-    assert {a.path for a in client().list_artifacts(run_id)} == {"report.md", "report"}
+    assert {"report.md", "report"} <= {a.path for a in client().list_artifacts(run_id)}
     assert [a.path for a in client().list_artifacts(run_id, "report")] == ["report/loss_curves.png"]
     (workspace / "downloaded").mkdir()
     page = client().download_artifacts(run_id, "report.md", str(workspace / "downloaded"))
@@ -326,4 +326,5 @@ def test_the_report_card_goes_to_the_pipeline_run_unless_evaluate_is_out_of_date
 
     monkeypatch.setattr(pipeline_run, "stale_stages", lambda: {"evaluate"})  # the card of an earlier config
     assert pipeline_run.main(["--id", "make-8"]) == 0
-    assert client().list_artifacts(parent_of("make-8").info.run_id) == []
+    logged = {a.path for a in client().list_artifacts(parent_of("make-8").info.run_id)}
+    assert not {"report.md", "report"} & logged
