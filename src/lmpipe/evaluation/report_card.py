@@ -136,7 +136,7 @@ def write_report_card(
                 tmp_figures / SIZE_FIGURE,
                 variants,
                 baselines,
-                [("parameters", "parameters"), ("file_mb", "file size (MB)")],
+                [("parameters", "parameters (millions)", 1e6), ("file_mb", "file size (MB)", 1.0)],
             )
             drawn.append(SIZE_FIGURE)
         if any(_number(row.get("decode_tok_s_b1")) for row in variants.values()):
@@ -144,7 +144,7 @@ def write_report_card(
                 tmp_figures / SPEED_FIGURE,
                 variants,
                 baselines,
-                [("decode_tok_s_b1", "decode tokens/s, batch 1")],
+                [("decode_tok_s_b1", "decode tokens/s, batch 1", 1.0)],
             )
             drawn.append(SPEED_FIGURE)
         if curves:
@@ -207,32 +207,68 @@ def _quality_figure(
     path: Path,
     variants: dict[str, dict],
     baselines: dict[str, float],
-    axes: list[tuple[str, str]],
+    axes: list[tuple[str, str, float]],
 ) -> None:
-    """Test perplexity (y) against each (key, label) of `axes` (x, one panel each), a labelled point per
-    variant, markers by runtime, each baseline a dotted line."""
+    """Test perplexity (y) against each (key, label, unit) of `axes` (x = value / unit, one panel each), a
+    named point per variant, markers by runtime, each baseline a dotted line."""
     from matplotlib.figure import Figure  # here, not at the top: the CLI imports evaluation and starts fast
 
     fig = Figure(figsize=(5.5 * len(axes), 4.2), dpi=DPI, layout="constrained")
-    for ax, (key, label) in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes, strict=True):
-        seen = set()
-        for name, row in variants.items():
-            x = _number(row.get(key))
-            if x is None:
-                continue
-            runtime, marker, color = RUNTIMES.get(row.get("runtime"), OTHER_RUNTIME)
-            ax.scatter(
-                x, row["test_ppl"], marker=marker, color=color, label=None if runtime in seen else runtime
-            )
-            seen.add(runtime)
-            ax.annotate(name, (x, row["test_ppl"]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    for ax, (key, label, unit) in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes, strict=True):
+        points = [
+            (x / unit, row["test_ppl"], name, row.get("runtime"))
+            for name, row in variants.items()
+            if (x := _number(row.get(key))) is not None
+        ]
+        for runtime in dict.fromkeys(p[3] for p in points):  # one scatter per runtime: one legend entry each
+            legend, marker, color = RUNTIMES.get(runtime, OTHER_RUNTIME)
+            mine = [p for p in points if p[3] == runtime]
+            ax.scatter([p[0] for p in mine], [p[1] for p in mine], marker=marker, color=color, label=legend)
         for i, (name, ppl) in enumerate(baselines.items()):
             ax.axhline(ppl, linestyle=":", color=f"C{i + 2}", label=name)
+        _name_points(ax, [(x, y, name) for x, y, name, _ in points])
         ax.set_xlabel(label)
         ax.set_ylabel("test perplexity (lower is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def _name_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Write each point's name beside it. Variants often sit on top of each other (a model and its ONNX export
+    have the same size and perplexity), so points closer than a step share one label, and a label that would
+    print over another (close in y, near in x) moves up, joined to its point by a thin line."""
+    if not points:
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_step = 0.01 * ((max(xs) - min(xs)) or abs(xs[0]) or 1.0)
+    y_step = 0.045 * ((max(ys) - min(ys)) or abs(ys[0]) or 1.0)
+    groups: list[tuple[float, float, list[str]]] = []
+    for x, y, name in sorted(points):
+        near = next((g for g in groups if abs(g[0] - x) <= x_step and abs(g[1] - y) <= y_step / 3), None)
+        if near is None:
+            groups.append((x, y, [name]))
+        else:
+            near[2].append(name)
+    placed: list[tuple[float, float]] = []
+    right = min(xs) + 0.65 * ((max(xs) - min(xs)) or 1.0)  # past here the label goes on the left
+    for x, y, names in sorted(groups, key=lambda g: g[1]):
+        label_y = y
+        while any(abs(px - x) < 25 * x_step and abs(py - label_y) < y_step for px, py in placed):
+            label_y += y_step
+        placed.append((x, label_y))
+        left = x > right and len(xs) > 1
+        ax.annotate(
+            ", ".join(names),
+            (x, y),
+            xytext=(x - x_step if left else x + x_step, label_y + y_step / 4),
+            textcoords="data",
+            ha="right" if left else "left",
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if label_y != y else None,
+        )
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, max(high, max(py for _, py in placed) + 2 * y_step))
 
 
 def _loss_figure(path: Path, curves: dict[str, dict[str, Curve]]) -> None:
