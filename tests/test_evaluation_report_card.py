@@ -159,3 +159,19 @@ def test_a_failure_leaves_the_previous_card_whole(tmp_path, plots, monkeypatch):
     assert (metrics / REPORT_FILE).read_text(encoding="utf-8") == page
     assert {p.name: p.read_bytes() for p in (metrics / REPORT_DIR).iterdir()} == before
     assert sorted(p.name for p in metrics.iterdir()) == [REPORT_DIR, REPORT_FILE]  # no temporary left behind
+
+
+def test_points_that_coincide_share_a_label_and_close_labels_do_not_overprint():
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    points = [
+        (4.0, 36.70, "sft-full"),
+        (4.0, 36.72, "onnx-teacher"),
+        (4.0, 37.3, "onnx-rl"),
+        (1.0, 48.0, "student"),
+    ]
+    report_card._name_points(ax, points)
+    labels = {t.get_text(): t.get_position()[1] for t in ax.texts}
+    assert set(labels) == {"sft-full, onnx-teacher", "onnx-rl", "student"}
+    assert labels["onnx-rl"] - labels["sft-full, onnx-teacher"] >= 0.045 * (48.0 - 36.7) * 0.99
