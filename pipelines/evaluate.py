@@ -18,9 +18,9 @@ SECTIONS = ("seed", "paths", "evaluate", "logger")
 def main(cfg):
     import mlflow
 
-    from lmpipe.evaluation.report_card import write_report_card
+    from lmpipe.evaluation.report_card import REPORT_DIR, write_report_card
     from lmpipe.evaluation.suite import evaluate_all
-    from lmpipe.formats import REPORT_DIR, SAMPLES_FILE
+    from lmpipe.formats import SAMPLES_FILE
     from lmpipe.text_samples import format_samples
 
     with tracking.stage_run("evaluate", cfg, SECTIONS):

@@ -3,9 +3,15 @@ import struct
 import pytest
 
 from lmpipe.evaluation import report_card
-from lmpipe.evaluation.report_card import TRAINING_STAGES, loss_curves, read_curve, write_report_card
+from lmpipe.evaluation.report_card import (
+    REPORT_DIR,
+    REPORT_FILE,
+    TRAINING_STAGES,
+    loss_curves,
+    read_curve,
+    write_report_card,
+)
 from lmpipe.evaluation.tasks import variant_table
-from lmpipe.formats import REPORT_DIR, REPORT_FILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -81,17 +81,6 @@ REWARD_HEAD_FILE = "reward_head.pt"
 """Beside model.pt in a reward model directory: the scalar head on the backbone's last hidden state."""
 
 
-# --- The report card (stage evaluate, beside its metrics) -------------------------------------------------------
-REPORT_FILE = "report.md"
-"""In paths.metrics: one page of what a run produced (evaluate's tables, links to REPORT_DIR's figures)."""
-REPORT_DIR = "report"
-"""Beside REPORT_FILE: its PNG figures, linked as `report/<name>.png` (so the pair keeps working when copied,
-logged to MLflow or rendered by a git host)."""
-LOSS_CURVES = ("train_loss", "val_loss")
-"""The curve CSVs under `<paths.plots>/<stage>/` the report card draws: files named `<prefix>train_loss.csv` and
-`<prefix>val_loss.csv` (step,loss), as training.outputs.write_curves names them."""
-
-
 # --- Tracking ----------------------------------------------------------------------------------------------------
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 """The MLflow store every stage, the registry and `lmpipe generate/serve` use unless MLFLOW_TRACKING_URI or

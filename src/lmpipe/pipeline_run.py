@@ -33,7 +33,7 @@ from typing import Any
 
 from lmpipe import config, tracking
 from lmpipe.errors import LmpipeError
-from lmpipe.formats import REPORT_DIR, REPORT_FILE
+from lmpipe.evaluation.report_card import REPORT_DIR, REPORT_FILE
 from lmpipe.stage import PIPELINES_DIR, stage_scripts
 
 Figures = dict[str, Any]

@@ -23,7 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe import atomic
-from lmpipe.formats import LOSS_CURVES, REPORT_DIR, REPORT_FILE
+
+# The card's on-disk names live here, not in lmpipe.formats: nearly every stage reads formats.py, and the card is
+# evaluate's alone, so its names there would re-run all 18 stages whenever they change.
+REPORT_FILE = "report.md"
+"""In paths.metrics: one page of what a run produced (evaluate's tables, links to REPORT_DIR's figures)."""
+REPORT_DIR = "report"
+"""Beside REPORT_FILE: its PNG figures, linked as `report/<name>.png` (so the pair keeps working when copied,
+logged to MLflow or rendered by a git host)."""
+LOSS_CURVES = ("train_loss", "val_loss")
+"""The curve CSVs under `<paths.plots>/<stage>/` the report card draws: files named `<prefix>train_loss.csv` and
+`<prefix>val_loss.csv` (step,loss), as training.outputs.write_curves names them."""
 
 TRAINING_STAGES = (
     "pretrain",
