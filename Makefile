@@ -90,9 +90,10 @@ lint: setup  ## ruff
 params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make params OVERRIDES="experiment=smoke"
 	$(BIN)/lmpipe params $(OVERRIDES)
 
-ui: setup  ## open the MLflow UI on http://127.0.0.1:5000 (prints the runs table's address)
-	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:5000 | sed 's/^/open /'
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+PORT ?= 5000
+ui: setup  ## open the MLflow UI on http://127.0.0.1:$(PORT) (prints the runs table's address; PORT=5001 picks another port)
+	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:$(PORT) | sed 's/^/open /'
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT) --workers 1
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --out bench/results/train_throughput.json

@@ -281,6 +281,20 @@ def test_ui_url_names_the_runs_table_or_says_what_to_do(workspace, capsys):
     )
 
 
+def test_ui_url_says_what_to_do_when_its_port_is_taken(workspace, capsys):
+    import socket
+
+    stage("prepare")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert pipeline_run.main(["--url", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pipeline-run: error: 127.0.0.1:{port} is in use (") and "\n" not in err
+    assert f"make ui PORT={port + 1}" in err
+
+
 def test_stages_out_of_date_are_left_out_and_an_unknown_state_is_said(workspace, capsys):
     cfg = tracking.TrackingConfig(
         tracking_uri=f"sqlite:///{workspace}/mlruns.db", experiment_name="lmpipe-test"

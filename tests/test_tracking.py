@@ -202,3 +202,47 @@ def test_tracking_uri_environment_variable_wins(monkeypatch):
     assert cfg.resolved_uri == "sqlite:///local.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert cfg.resolved_uri == "http://mlflow.internal:5000"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_one_line_naming_it(monkeypatch):
+    import time
+
+    from lmpipe.errors import LmpipeError
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.perf_counter()
+    with pytest.raises(LmpipeError, match=rf"^tracking server {uri} cannot be reached \(.*\): start it") as err:
+        tracking.experiment_id(tracking.TrackingConfig())
+    assert "\n" not in str(err.value) and time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_any_http_answer_counts_as_a_reachable_server(status):
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    tracking.check_server("sqlite:///never/opened.db")  # embedded stores are not probed

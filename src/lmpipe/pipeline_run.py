@@ -344,6 +344,24 @@ def experiment_url(tracking_cfg: tracking.TrackingConfig, base: str) -> str:
     return tracking.runs_url(experiment.experiment_id, base)
 
 
+def check_port_free(base: str) -> None:
+    """Before `make ui` starts a UI at `base`: a one-line error when something already listens on its port
+    (MLflow's server would otherwise fail with a traceback after its workers started)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base)
+    host, port = where.hostname or "127.0.0.1", where.port or 5000
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise LmpipeError(
+                f"{host}:{port} is in use ({exc.strerror}): if it is an MLflow UI already, open {base}; else stop "
+                f"what holds it, or pick another port (make ui PORT={port + 1})"
+            ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {__spec__.name if __spec__ else 'lmpipe.pipeline_run'}",
@@ -358,14 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-dvc-status", action="store_true", help="keep every stage's figures (no dvc status)"
     )
-    parser.add_argument("--url", metavar="BASE", help="only print the UI's runs table under BASE and exit")
+    parser.add_argument(
+        "--url", metavar="BASE", help="only print the UI's runs table under BASE (its port must be free) and exit"
+    )
     args = parser.parse_args(argv)
     from mlflow.exceptions import MlflowException
 
     try:
         if args.url:
             cfg = config.load(params_file=config.PARAMS_FILE)
-            print(experiment_url(config.build(cfg.logger), args.url.rstrip("/")))
+            url = experiment_url(config.build(cfg.logger), args.url.rstrip("/"))
+            check_port_free(args.url)
+            print(url)
             return 0
         run = run_for_workspace(args.id, failed=args.failed, check_dvc=not args.no_dvc_status)
     except LmpipeError as exc:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from lmpipe import config
+from lmpipe.errors import LmpipeError
 from lmpipe.formats import DEFAULT_TRACKING_URI
 
 if not sys.stderr.isatty():  # MLflow's per-file download bars would flood CI and DVC logs
@@ -104,12 +105,33 @@ def dvc_exp_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """For an http(s) tracking URI, fail in one line within `timeout` seconds when no server answers there: MLflow's
+    own client retries for minutes and then ends in a long traceback. Any HTTP answer counts as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:  # a server (or a proxy in front of one) answered
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise LmpipeError(
+            f"tracking server {uri} cannot be reached ({reason}): start it, or point MLFLOW_TRACKING_URI "
+            "(or logger.tracking_uri) at a server that runs"
+        ) from None
+
+
 def experiment_id(cfg: TrackingConfig) -> str:
     """The id of the project's experiment (created if absent), tagged as a model-training experiment; also
     points MLflow's client at the configured store."""
     import mlflow
 
     uri = cfg.resolved_uri
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is not None:
