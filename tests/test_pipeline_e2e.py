@@ -248,13 +248,22 @@ def shown_metric(page, name: str, keys: list[str]) -> list[str]:
     """The values the compare page's metrics table shows for the metric `name`, run by run: the table lists the
     runs' metric `keys` sorted and draws only the rows in view, so it is scrolled to that row first."""
     values = page.locator(".ReactVirtualized__Grid").last
-    values.evaluate("(grid, top) => { grid.scrollTop = top; }", sorted(keys).index(name) * METRIC_ROW_PX)
+    values.hover()  # wheel over the values: the names' grid follows only real scroll events, one event late
+    distance, step = sorted(keys).index(name) * METRIC_ROW_PX - values.evaluate("g => g.scrollTop"), 135
+    while distance:
+        delta = max(-step, min(step, distance))
+        page.mouse.wheel(0, delta)
+        distance -= delta
+        page.wait_for_timeout(50)
+    for nudge in (-1, 1):  # brings the names to where the values were (also at the table's end)
+        page.mouse.wheel(0, nudge)
+        page.wait_for_timeout(50)
     key = page.get_by_role("link", name=name, exact=True)
     expect(key).to_be_visible()
     return key.evaluate(METRIC_CELLS_JS)
 
 
-HEADLINES = ("pretrain.val_loss", "evaluate.pretrained.test_ppl")
+HEADLINES = ("evaluate.pretrained.test_ppl", "pretrain.val_loss")
 """Headline metrics of the pipeline run that the learning rate changes, checked on the compare page."""
 
 
@@ -295,7 +304,14 @@ def check_mlflow_compare_page(page, db: Path, env: dict, pids: tuple[str, str], 
                 assert math.isclose(float(text), value, rel_tol=1e-3, abs_tol=1e-3), (
                     f"{name}: {text} != {value}"
                 )
-        page.screenshot(path=screenshots / "mlflow-compare-metrics.png")
+        # The README's picture: from the run details (the runs' names) to the metrics table's end.
+        page.get_by_role("button", name="Run details").evaluate("e => e.scrollIntoView({block: 'start'})")
+        top = page.get_by_role("button", name="Run details").bounding_box()
+        bottom = page.locator(".ReactVirtualized__Grid").last.bounding_box()
+        height = bottom["y"] + bottom["height"] + 8 - top["y"]
+        page.screenshot(
+            path=screenshots / "mlflow-compare-tables.png", clip={**top, "height": height, "width": 760}
+        )
         page.screenshot(path=screenshots / "mlflow-compare.png", full_page=True)
 
 
