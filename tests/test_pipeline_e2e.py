@@ -305,8 +305,10 @@ def check_mlflow_compare_page(page, db: Path, env: dict, pids: tuple[str, str], 
                     f"{name}: {text} != {value}"
                 )
         # The README's picture: from the run details (the runs' names) to the metrics table's end.
-        page.get_by_role("button", name="Run details").evaluate("e => e.scrollIntoView({block: 'start'})")
-        top = page.get_by_role("button", name="Run details").bounding_box()
+        page.get_by_role("button", name="Run details", exact=True).evaluate(
+            "e => e.scrollIntoView({block: 'start'})"
+        )
+        top = page.get_by_role("button", name="Run details", exact=True).bounding_box()
         bottom = page.locator(".ReactVirtualized__Grid").last.bounding_box()
         height = bottom["y"] + bottom["height"] + 8 - top["y"]
         page.screenshot(
