@@ -1,12 +1,15 @@
 """`lmpipe serve` as a user runs it: a real subprocess on a free loopback port, for the tests that need a real
-HTTP server (the OpenAI client, the chat page in a browser, the server's own start and shutdown).
+HTTP server (the OpenAI client, the chat page in a browser, the server's own start and shutdown); and the MLflow
+UI as `make ui` runs it (`mlflow_ui`), for the test that compares pipeline runs in a browser.
 
 Not a test module (like tiny_models.py): tests import it by name through `pythonpath = ["tests"]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,7 +77,7 @@ def lmpipe_serve(
         environment = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | (env or {})
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
         try:
-            _wait_for_health(proc, server, startup_s)
+            _wait_for_health(proc, server, startup_s, "lmpipe serve")
             yield server
         finally:
             proc.terminate()
@@ -86,14 +89,50 @@ def lmpipe_serve(
                 raise
 
 
-def _wait_for_health(proc: subprocess.Popen, server: LiveServer, startup_s: float) -> None:
+def _wait_for_health(proc: subprocess.Popen, server: LiveServer, startup_s: float, name: str) -> None:
     deadline = time.monotonic() + startup_s
     while True:
-        assert proc.poll() is None, f"lmpipe serve exited with {proc.returncode}:\n{server.log_text()}"
+        assert proc.poll() is None, f"{name} exited with {proc.returncode}:\n{server.log_text()}"
         try:  # any answer will do: with an API key, /health may be a 401
             httpx.get(f"{server.base}/health", timeout=1)
             return
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, f"lmpipe serve did not answer within {startup_s:g} s"
+        assert time.monotonic() < deadline, (
+            f"{name} did not answer within {startup_s:g} s:\n{server.log_text()}"
+        )
         time.sleep(0.1)
+
+
+@contextmanager
+def mlflow_ui(store: Path, log: Path, env: dict[str, str], startup_s: float = 180) -> Iterator[LiveServer]:
+    """`mlflow server` over the sqlite store `store` on a free loopback port, one worker and no job execution
+    (as `make ui` runs it), with environment `env`, logging to `log`; yield once /health answers. It runs in
+    its own process group (mlflow server starts uvicorn as a child), which is killed whole on the way out."""
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store}", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1"]
+    server = LiveServer(f"http://127.0.0.1:{port}", log)
+    environment = env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=store.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_health(proc, server, startup_s, "mlflow server")
+            yield server
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                server.returncode = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                server.returncode = proc.wait()

@@ -36,6 +36,7 @@ def test_language_modelling_only_gives_the_rows_the_report_and_the_samples(model
     assert ev.results["tasks"] == {} and ev.results["skipped_too_long"] == {} and heard == []
     assert ev.results["variants"]["test"]["test_ppl"] == expected["test_ppl"]
     assert "decode_tok_s_b1" not in ev.results["variants"]["test"]
+    assert ev.results["variants"]["test"]["runtime"] == "torch"  # the report card tells runtimes apart
     assert ev.report.startswith("# Model variants") and "# Test-split language modelling" in ev.report
     assert "# Held-out instruction tasks" not in ev.report
     assert len(ev.samples) == 2 and ev.confusion == {}

@@ -323,3 +323,22 @@ def test_dvc_is_the_one_beside_this_python_so_make_needs_no_activated_venv(monke
     assert dvc_command() == "dvc"  # nothing beside it: PATH decides
     (tmp_path / "dvc").touch()
     assert dvc_command() == str(tmp_path / "dvc")
+
+
+def test_the_report_card_goes_to_the_pipeline_run_unless_evaluate_is_out_of_date(workspace, monkeypatch):
+    (workspace / "metrics/report").mkdir()
+    (workspace / "metrics/report.md").write_text("# Report card\n", encoding="utf-8")
+    (workspace / "metrics/report/loss_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert pipeline_run.main(["--no-dvc-status", "--id", "make-7"]) == 0
+    run_id = parent_of("make-7").info.run_id
+    # The page at the root and its figures under report/, where its relative links point.
+    assert {"report.md", "report"} <= {a.path for a in client().list_artifacts(run_id)}
+    assert [a.path for a in client().list_artifacts(run_id, "report")] == ["report/loss_curves.png"]
+    (workspace / "downloaded").mkdir()
+    page = client().download_artifacts(run_id, "report.md", str(workspace / "downloaded"))
+    assert Path(page).read_text(encoding="utf-8") == "# Report card\n"
+
+    monkeypatch.setattr(pipeline_run, "stale_stages", lambda: {"evaluate"})  # the card of an earlier config
+    assert pipeline_run.main(["--id", "make-8"]) == 0
+    logged = {a.path for a in client().list_artifacts(parent_of("make-8").info.run_id)}
+    assert not {"report.md", "report"} & logged

@@ -9,7 +9,8 @@ executions needs, so that ticking two pipeline runs and pressing *Compare* shows
   `dvc status` says is out of date (it failed, or never ran after a change upstream) is left out, since its
   file describes an earlier configuration;
 - its span: from the earliest stage start to the latest stage end; its status: FAILED when a stage failed;
-- tags: git commit, dirty flag, DVC experiment name, which stages ran, which were left out as out of date.
+- tags: git commit, dirty flag, DVC experiment name, which stages ran, which were left out as out of date;
+- artifacts: evaluate's report card (`report.md` and its figures under `report/`), unless evaluate is out of date.
 
 It runs after the pipeline, not as a stage (a stage would make DVC re-run things, or depend on them all):
 `make train` and `make exp` run `python -m lmpipe.pipeline_run` after `dvc repro` / `dvc exp run`, also when
@@ -32,6 +33,7 @@ from typing import Any
 
 from lmpipe import config, tracking
 from lmpipe.errors import LmpipeError
+from lmpipe.evaluation.report_card import REPORT_DIR, REPORT_FILE
 from lmpipe.stage import PIPELINES_DIR, stage_scripts
 
 Figures = dict[str, Any]
@@ -248,10 +250,11 @@ def fill_pipeline_run(
     figures: Mapping[str, float],
     failed: bool = False,
     left_out: set[str] | None = frozenset(),
+    report: Path | None = None,
 ) -> PipelineRun:
     """Give pipeline `pid`'s parent run (created if no stage of it ran: DVC had everything) its params,
-    headline metrics, span, status and tags; `left_out`: the stages left out as out of date, None if unknown.
-    See the module docstring."""
+    headline metrics, span, status, tags and the report card `report` (REPORT_FILE, its figures in REPORT_DIR
+    beside it); `left_out`: the stages left out as out of date, None if unknown. See the module docstring."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -287,6 +290,11 @@ def fill_pipeline_run(
         params=[Param(k, v) for k, v in new_params.items()],
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
+    if report is not None:
+        # As the evaluate run logs it: the page at the root, its figures under report/ (its links' target).
+        client.log_artifact(parent_id, str(report))
+        if (report.parent / REPORT_DIR).is_dir():
+            client.log_artifacts(parent_id, str(report.parent / REPORT_DIR), REPORT_DIR)
     status = tracking.close_pipeline_run(client, parent_id, children, failed=failed)
     return PipelineRun(
         parent_id,
@@ -307,6 +315,8 @@ def run_for_workspace(pid: str | None = None, failed: bool = False, check_dvc: b
     files = read_headline_files({"metrics": cfg.paths.metrics, "tokens": cfg.paths.tokens})
     figures = headline_figures(files, skip=stale or set())
     left_out = None if stale is None else stale & {h.stage for h in HEADLINES}
+    report = Path(cfg.paths.metrics) / REPORT_FILE
+    fresh = "evaluate" not in (stale or set())  # an out-of-date card describes an earlier configuration
     return fill_pipeline_run(
         pid or tracking.pipeline_id(),
         tracking_cfg,
@@ -314,6 +324,7 @@ def run_for_workspace(pid: str | None = None, failed: bool = False, check_dvc: b
         figures,
         failed=failed,
         left_out=left_out,
+        report=report if fresh and report.is_file() else None,
     )
 
 

@@ -77,8 +77,9 @@ ENCODER_COLUMNS = [
 @dataclass
 class Evaluation:
     results: dict
-    """Everything measured (the stage's evaluate.json): lm, tasks, variants (with each one's directory),
-    skipped_too_long, ppl ratios, and post_training (the alignment tax, `lmpipe.evaluation.alignment`)."""
+    """Everything measured (the stage's evaluate.json): lm, tasks, variants (with each one's directory and
+    runtime), skipped_too_long, ppl ratios, and post_training (the alignment tax,
+    `lmpipe.evaluation.alignment`)."""
     report: str
     """The tables in markdown (evaluate.md)."""
     samples: list
@@ -144,6 +145,7 @@ def evaluate_all(
         tasks = task_rows.get(name, {})
         overview[name] = {
             "directory": str(v.directory),
+            "runtime": v.kind,  # torch or onnx: the report card draws the two apart against speed
             "parameters": lm_rows[name]["parameters"],
             "file_mb": v.file_bytes / 2**20,
             "test_ppl": lm_rows[name]["test_ppl"],
