@@ -84,12 +84,12 @@ def test_loss_curves_of_every_stage_found_in_training_order(plots):
     assert missing == [s for s in TRAINING_STAGES if s not in curves]  # sft's only curve is empty
 
 
-def test_a_stage_folder_outside_the_list_is_drawn_after_it(plots):
-    write_curve(plots / "my_stage/train_loss.csv", [(0, 1.0), (1, 0.5)])
-    (plots / ".pretrain.x.tmp").mkdir()  # a stage's temporary folder before its rename: not a stage
-    write_curve(plots / ".pretrain.x.tmp/pretrain/train_loss.csv", [(0, 1.0)])
+def test_only_the_listed_stage_folders_are_read(plots):
+    """The card reads only its declared DVC deps: another folder under plots/ (a `make compare-*` run's) would
+    change the card without DVC re-running evaluate."""
+    write_curve(plots / "sft-compare/full/train_loss.csv", [(0, 1.0), (1, 0.5)])
     curves, _ = loss_curves(plots)
-    assert list(curves)[-1] == "my_stage" and ".pretrain.x.tmp" not in curves
+    assert "sft-compare" not in curves and list(curves) == ["pretrain", "distill", "encoder_finetune", "rl"]
     assert loss_curves(plots / "absent") == ({}, list(TRAINING_STAGES))
 
 

@@ -46,8 +46,8 @@ TRAINING_STAGES = (
     "dpo",
     "rl",
 )
-"""The folders under paths.plots whose loss curves the card draws, in training order; another folder with loss
-curves is drawn after them, and one of these without any is named in a line."""
+"""The folders under paths.plots whose loss curves the card draws, in training order (and no other: dvc.yaml
+lists exactly these as evaluate's deps); one of these without any is named in a line."""
 
 LOSS_FIGURE = "loss_curves.png"
 SIZE_FIGURE = "quality_size.png"
@@ -95,13 +95,11 @@ def loss_curves(
     plots_dir: Path, stages: tuple[str, ...] = TRAINING_STAGES
 ) -> tuple[dict[str, dict[str, Curve]], list[str]]:
     """({stage: {curve label: curve}}, stages without loss curves). A label is the CSV's path under the stage's
-    folder without `.csv` (`train_loss`, `student-nodistill_val_loss`, `scratch/val_loss`)."""
-    # Not the hidden temporary folders a stage writes before its rename (lmpipe.atomic).
-    others = sorted(
-        p.name for p in (plots_dir.iterdir() if plots_dir.is_dir() else []) if p.is_dir() and p.name[0] != "."
-    )
+    folder without `.csv` (`train_loss`, `student-nodistill_val_loss`, `scratch/val_loss`). Only `stages` are
+    read: they are the evaluate stage's declared DVC deps, and a card drawn from other folders under plots/ (a
+    `make compare-*` run's) would change without DVC seeing a reason to re-run it."""
     found, missing = {}, []
-    for stage in list(stages) + [name for name in others if name not in stages]:
+    for stage in stages:
         folder = plots_dir / stage
         files = sorted(folder.rglob("*.csv")) if folder.is_dir() else []
         curves = {
@@ -112,7 +110,7 @@ def loss_curves(
         curves = {label: curve for label, curve in curves.items() if curve[0]}
         if curves:
             found[stage] = curves
-        elif stage in stages:
+        else:
             missing.append(stage)
     return found, missing
 
