@@ -96,7 +96,7 @@ ui: setup  ## open the MLflow UI on http://127.0.0.1:$(PORT) (prints the runs ta
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT) --workers 1
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
-	$(BIN)/python bench/train_throughput.py --out bench/results/train_throughput.json
+	$(BIN)/python bench/train_throughput.py --repeats 2 --steps 40 --out bench/results/train_throughput.json
 	for t in 1 2; do $(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) \
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
 
