@@ -29,10 +29,17 @@ def store(tmp_path_factory):
 def in_store(store, monkeypatch):
     """Run in the store's folder (not a git repository) with no tracking variables from outside."""
     monkeypatch.chdir(store)
-    for var in ("MLFLOW_TRACKING_URI", tracking.PIPELINE_ID_ENV, "DVC_EXP_NAME", "GIT_DIR", "GIT_WORK_TREE"):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        tracking.PIPELINE_ID_ENV,
+        "DVC_EXP_NAME",
+        tracking.ROOT_ENV,
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+    ):
         monkeypatch.setenv(var, "")  # recorded as absent, so teardown removes whatever MLflow sets
         monkeypatch.delenv(var)
-    for var in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+    for var in tracking.RANK_ENVS:
         monkeypatch.delenv(var, raising=False)
     return store
 
@@ -148,10 +155,10 @@ def test_log_metrics_without_an_active_run_is_a_no_op(in_store, monkeypatch):
     assert logged == [({"a": 1.0, "nested.b": 2.0},)]  # the same call logs once a run is active
 
 
-@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "NODE_RANK"])
+@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"])
 def test_worker_processes_do_not_track(tmp_path, monkeypatch, var):
     monkeypatch.chdir(tmp_path)
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+    for name in tracking.RANK_ENVS:
         monkeypatch.delenv(name, raising=False)
     assert tracking.is_main_process()
     monkeypatch.setenv(var, "0")
@@ -199,9 +206,53 @@ def test_git_commit_outside_and_inside_a_repository(tmp_path, monkeypatch):
 def test_tracking_uri_environment_variable_wins(monkeypatch):
     cfg = tracking.TrackingConfig(tracking_uri="sqlite:///local.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.ROOT_ENV, raising=False)
     assert cfg.resolved_uri == "sqlite:///local.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert cfg.resolved_uri == "http://mlflow.internal:5000"
+
+
+def test_a_relative_store_is_the_workspace_one_when_dvc_runs_the_stage(tmp_path, monkeypatch):
+    # A queued DVC experiment runs in a temporary copy (the working directory) and names the workspace in DVC_ROOT.
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(workspace))
+
+    def resolved(uri: str) -> str:
+        return tracking.TrackingConfig(tracking_uri=uri).resolved_uri
+
+    assert resolved("sqlite:///mlruns.db") == f"sqlite:///{workspace}/mlruns.db"
+    assert resolved("sqlite:///stores/m.db") == f"sqlite:///{workspace}/stores/m.db"
+    assert resolved("mlruns") == str(workspace / "mlruns")
+    for uri in ("sqlite:////srv/mlflow.db", "sqlite:///:memory:", "http://mlflow:5000", "file:///srv/mlruns"):
+        assert resolved(uri) == uri
+    monkeypatch.delenv(tracking.ROOT_ENV)
+    assert resolved("sqlite:///mlruns.db") == "sqlite:///mlruns.db"  # outside DVC: the working directory's
+
+
+def test_a_stage_in_a_temporary_copy_logs_to_the_workspace_store(tmp_path, monkeypatch, mlflow_template_db):
+    from conftest import fresh_mlflow_db
+    from mlflow.tracking import MlflowClient
+
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    fresh_mlflow_db(mlflow_template_db, workspace / "mlruns.db")
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    for var in ("MLFLOW_TRACKING_URI", tracking.PIPELINE_ID_ENV, "DVC_EXP_NAME"):
+        monkeypatch.setenv(var, "")  # recorded as absent, so teardown removes whatever MLflow sets
+        monkeypatch.delenv(var)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(workspace))
+    cfg = make_cfg(workspace)
+    cfg.logger.tracking_uri = "sqlite:///mlruns.db"  # the default: relative
+    with tracking.stage_run("prepare", cfg, SECTIONS) as run:
+        pass
+
+    assert not (copy / "mlruns.db").exists() and not (copy / "mlartifacts").exists()
+    stored = MlflowClient(f"sqlite:///{workspace}/mlruns.db").get_run(run.info.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.info.artifact_uri.startswith((workspace / "mlartifacts").as_uri() + "/")
 
 
 def free_port() -> int:
@@ -220,7 +271,9 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it(monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.perf_counter()
-    with pytest.raises(LmpipeError, match=rf"^tracking server {uri} cannot be reached \(.*\): start it") as err:
+    with pytest.raises(
+        LmpipeError, match=rf"^tracking server {uri} cannot be reached \(.*\): start it"
+    ) as err:
         tracking.experiment_id(tracking.TrackingConfig())
     assert "\n" not in str(err.value) and time.perf_counter() - started < 10
 
