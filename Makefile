@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp compare test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
+.PHONY: setup train exp compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -46,6 +46,19 @@ exp: setup  ## dvc exp run with ARGS (e.g. ARGS="-S optimizer.lr=0.002"; EXP nam
 
 compare: setup  ## this commit's DVC experiments side by side (changed params, headline metrics); plots/compare/index.html: dvc plots diff of the two newest
 	$(BIN)/python -m lmpipe.exp_compare --plots plots/compare $(ARGS)
+
+STAGE ?= pretrain
+sweep: setup  ## grid search over one stage without DVC: STAGE (default pretrain), ARGS the Hydra overrides with sweeps (ARGS="optimizer.lr=1e-3,3e-3"); trials under sweeps/, one MLflow parent run
+	$(BIN)/python -m lmpipe.sweep $(STAGE) $(ARGS)
+
+# Queued experiments run in temporary copies of the repository: their runs reach the workspace's MLflow store
+# (lmpipe.tracking anchors the relative sqlite path at DVC_ROOT), which must exist before the workers race for it.
+JOBS ?= 2
+queue: setup  ## run the DVC experiments queued with `dvc exp run --queue -S 'a=1,2'`, JOBS (default 2) at a time; waits for them
+	$(BIN)/python -m lmpipe.tracking
+	$(BIN)/dvc queue start -j $(JOBS)
+	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 5; done
+	$(BIN)/dvc queue status
 
 test: setup  ## run the whole test suite, end-to-end DVC runs included
 	$(BIN)/pytest -q

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from browser import serve_cdn_scripts
 from live_server import mlflow_ui
 from playwright.sync_api import expect
 from readme_commands import readme_commands
+from workspace import run, workspace_copy
 
 from lmpipe import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "prepare",
     "tokenize",
@@ -50,13 +49,6 @@ EXP_NAME = "e2e-lr2"
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}"
-    return output
-
-
 def dvc_status(path: Path, env: dict) -> dict:
     proc = subprocess.run(["dvc", "status", "--json"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -75,24 +67,7 @@ def fill_pipeline_run(pid: str, path: Path, env: dict) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """A git repo holding this working tree's files (tracked and new, not ignored) with smoke params."""
-    repo = tmp_path_factory.mktemp("e2e") / "lmpipe"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="e2e",
-        GIT_AUTHOR_EMAIL="e2e@example.invalid",
-        GIT_COMMITTER_NAME="e2e",
-        GIT_COMMITTER_EMAIL="e2e@example.invalid",
-    )
-    run(["git", "init", "-q", "-b", "main"], repo, env)
+    repo, env = workspace_copy(tmp_path_factory.mktemp("e2e") / "lmpipe")
     run(["lmpipe", "params", "experiment=smoke"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "smoke"], repo, env)

@@ -178,7 +178,14 @@ def experiment_id(cfg: TrackingConfig) -> str:
         local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
         location = (workspace_root() / location).resolve().as_uri() if local_store else None
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=tags)
+    try:
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=tags)
+    except mlflow.exceptions.MlflowException:
+        # Another process (a parallel DVC queue worker) created it first.
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def runs_url(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
@@ -321,3 +328,20 @@ def metric_name(key: str) -> str:
     """`key` with what MLflow refuses in a metric name (all but alphanumerics and _-. :/) as "_":
     "tf-idf + logistic regression" has a +."""
     return re.sub(r"[^\w\-. :/]", "_", key)
+
+
+def main() -> int:
+    """`python -m lmpipe.tracking`: create the configured store and the project's experiment now (from
+    params.yaml), so that parallel workers (`dvc queue start -j N`) find both instead of racing to create them."""
+    try:
+        cfg: TrackingConfig = config.build(config.load().logger)
+        experiment = experiment_id(cfg)
+    except LmpipeError as exc:
+        print(f"tracking: error: {config.one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"tracking: {cfg.resolved_uri}, experiment {cfg.experiment_name} ({experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
