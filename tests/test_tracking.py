@@ -168,6 +168,7 @@ def test_worker_processes_do_not_track(tmp_path, monkeypatch, var):
     cfg = make_cfg(tmp_path)
     with tracking.stage_run("pretrain", cfg, SECTIONS) as run:
         assert run is None
+    assert tracking.lightning_logger(run, cfg) is False  # Lightning's logger would open the store
     assert list(tmp_path.iterdir()) == []  # no store, no artifacts
 
 

@@ -297,8 +297,15 @@ def is_main_process() -> bool:
 
 
 def lightning_logger(run: mlflow.ActiveRun | None, cfg: DictConfig):
-    """A Lightning MLFlowLogger writing into the stage's open run (Lightning only logs from rank zero)."""
+    """A Lightning MLFlowLogger writing into the stage's open run; False (no logger) in the other processes of a
+    multi-process launch."""
     from lightning.pytorch.loggers import MLFlowLogger
+
+    if not is_main_process():
+        # Lightning only logs from rank zero, but its MLFlowLogger opens the store as it is made: under torchrun
+        # or srun every rank starts at once, and a second process creating a new sqlite schema beside rank 0's
+        # fails ("duplicate column name").
+        return False
 
     tracking: TrackingConfig = config.build(cfg.logger)
     return MLFlowLogger(
