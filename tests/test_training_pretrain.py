@@ -323,6 +323,34 @@ def test_ddp_on_two_processes_learns_what_one_process_learns(
     )
 
 
+@pytest.mark.slow
+def test_torchrun_starts_every_rank_and_only_rank_0_tracks(tiny_overrides, tmp_path, conf_dir):
+    # torchrun starts both processes at once (Lightning's own launcher starts rank 1 only once rank 0 has set
+    # up its run): rank 1 must keep out of the MLflow store and the checkpoint folder from its first line on.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
+    env.update(LMPIPE_PIPELINE_ID="pytest-torchrun", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command = [
+        *torchrun,
+        "pipelines/pretrain.py",
+        *tiny_overrides(),
+        f"model.block_size={BLOCK}",
+        "trainer=ddp",
+        "trainer.max_steps=10",
+        f"pretrain.batch_size={BATCH // 2}",
+    ]
+    proc = subprocess.run(command, cwd=conf_dir.parent, env=env, capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["tokens_seen"] == 10 * BATCH * BLOCK
+    assert output.count("pretrain: 10 steps") == 1, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["pipeline pytest-torchrun", "pretrain"]
+
+
 def csv_rows(path) -> list[list[str]]:
     """The data rows of a curve CSV (its header dropped)."""
     return [line.split(",") for line in path.read_text().splitlines()[1:]]
