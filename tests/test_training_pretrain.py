@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import lightning as L
 import pytest
@@ -323,15 +324,31 @@ def test_ddp_on_two_processes_learns_what_one_process_learns(
     )
 
 
+def slurm_task(rank: int) -> dict[str, str]:
+    """The environment `srun --ntasks=2` gives task `rank` on one node, as Lightning's SLURMEnvironment reads it."""
+    return {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NAME": "lmpipe-test",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+    }
+
+
 @pytest.mark.slow
-def test_torchrun_starts_every_rank_and_only_rank_0_tracks(tiny_overrides, tmp_path, conf_dir):
-    # torchrun starts both processes at once (Lightning's own launcher starts rank 1 only once rank 0 has set
-    # up its run): rank 1 must keep out of the MLflow store and the checkpoint folder from its first line on.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
-    env.update(LMPIPE_PIPELINE_ID="pytest-torchrun", OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command = [
-        *torchrun,
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_a_launcher_starts_every_rank_and_only_rank_0_tracks(tiny_overrides, tmp_path, conf_dir, launcher):
+    # torchrun and srun start both processes at once (Lightning's own launcher starts rank 1 only once rank 0
+    # has set up its run): rank 1 must keep out of the MLflow store and the checkpoint folder from its first
+    # line on. Without srun here, the two tasks get the environment srun would give them.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP", "SLURM_"))
+    }
+    env.update(LMPIPE_PIPELINE_ID=f"pytest-{launcher}", OMP_NUM_THREADS="1")
+    stage = [
         "pipelines/pretrain.py",
         *tiny_overrides(),
         f"model.block_size={BLOCK}",
@@ -339,16 +356,38 @@ def test_torchrun_starts_every_rank_and_only_rank_0_tracks(tiny_overrides, tmp_p
         "trainer.max_steps=10",
         f"pretrain.batch_size={BATCH // 2}",
     ]
-    proc = subprocess.run(command, cwd=conf_dir.parent, env=env, capture_output=True, text=True, timeout=400)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    tasks = (
+        [([*torchrun, *stage], env)]
+        if launcher == "torchrun"
+        else [([sys.executable, *stage], env | slurm_task(rank)) for rank in (0, 1)]
+    )
+    logs = [tmp_path / f"launch{n}.log" for n in range(len(tasks))]  # files: a full pipe would stall a rank
+    procs = []
+    for (cmd, e), log in zip(tasks, logs, strict=True):
+        with log.open("w") as out:
+            procs.append(
+                subprocess.Popen(cmd, cwd=conf_dir.parent, env=e, stdout=out, stderr=subprocess.STDOUT)
+            )
+    deadline = time.monotonic() + 400
+    try:  # a rank that died leaves the other waiting for it: stop at the first failure
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            assert time.monotonic() < deadline, "the ranks did not finish in 400 s"
+            time.sleep(1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = "".join(log.read_text() for log in logs)
+    assert [proc.returncode for proc in procs] == [0] * len(procs), output[-5000:]
 
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
     assert metrics["world_size"] == 2 and metrics["tokens_seen"] == 10 * BATCH * BLOCK
     assert output.count("pretrain: 10 steps") == 1, output[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
-    assert sorted(run.info.run_name for run in runs) == ["pipeline pytest-torchrun", "pretrain"]
+    assert sorted(run.info.run_name for run in runs) == [f"pipeline pytest-{launcher}", "pretrain"]
 
 
 def csv_rows(path) -> list[list[str]]:
