@@ -5,12 +5,13 @@ Two servers run side by side on loopback, the same model and options but for `--
 level both get the same `--requests` requests, `--repeats` times, interleaved (on, off, then off, on) so that a
 load change on the shared CPU hits both alike. The requests are a fixed, seeded mix: completions and chat
 completions, streamed and not, prompts of three lengths and two `max_tokens` (fractions of the model's
-context), greedy and seeded sampling (temperature 0.7, as the chat page samples; an eighth of all requests also with
-top_p 0.9). Reported per level and mode: completion tokens/s and requests/s over the
-wall-clock of the run, latency p50/p99 (request sent to last byte), time to first token p50/p99 (streamed
-requests: request sent to the first piece of text), errors, server RSS and the CPU seconds of server and
-client. Then the `--rss` phase: `--rss-warmup` requests to the `on` server at the top level, then
-`--rss-requests` more with its RSS read every `--rss-every`; RSS is flat if it grows by at most 10 %.
+context), greedy and seeded sampling (temperature 0.7, as the chat page samples; an eighth of all requests
+also with top_p 0.9). Reported per level and mode: completion tokens/s and requests/s over the wall-clock of
+the run, latency p50/p99 (request sent to last byte), time to first token p50/p99 (streamed requests: request
+sent to the first piece of text), errors, server RSS, and the CPU seconds of server and client: the server's
+CPU milliseconds per completion token change little with other load on the machine, unlike wall-clock rates.
+Then the `--rss` phase: `--rss-warmup` requests to the `on` server at the top level, then `--rss-requests` more
+with its RSS read every `--rss-every`; RSS is flat if it grows by at most 10 %.
 
 The client is cheap on purpose, since it shares the CPU with the servers: one asyncio task per client, each
 on its own keep-alive connection speaking HTTP/1.1 over raw sockets (no HTTP library), request bodies encoded
@@ -398,6 +399,7 @@ def summary(runs: Sequence[Run]) -> dict:
         "streams": len(streams),
         "stream_tokens_estimated": sum(o.estimated for o in streams),
         "server_cpu_s": server_cpu,
+        "server_cpu_ms_per_token": server_cpu * 1000 / max(1, sum(o.tokens for o in ok)),
         "client_cpu_s": client_cpu,
         "client_cpu_share": client_cpu / (client_cpu + server_cpu) if client_cpu + server_cpu else 0.0,
         "server_rss_mb": max(r.rss_mb for r in runs),
@@ -424,6 +426,7 @@ def load_levels(on_off: dict[str, Server], specs: list[Spec], clients: Sequence[
             "latency_p50": on["latency_p50_ms"] / off["latency_p50_ms"],
             "latency_p99": on["latency_p99_ms"] / off["latency_p99_ms"],
             "ttft_p99": _ratio(on["ttft_p99_ms"], off["ttft_p99_ms"]),
+            "server_cpu_per_token": on["server_cpu_ms_per_token"] / off["server_cpu_ms_per_token"],
         }
         out[str(level)] = stats
     return out
@@ -610,7 +613,7 @@ def table(r: dict, out: Path) -> str:
         f"{s['repeats']} runs per mode, on/off interleaved",
         "",
         f"{'clients':>7} {'mode':<4} {'tok/s':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'ttft p50':>9} "
-        f"{'ttft p99':>9} {'RSS MB':>7} {'client CPU':>10} {'errors':>6}",
+        f"{'ttft p99':>9} {'RSS MB':>7} {'CPU ms/tok':>10} {'client CPU':>10} {'errors':>6}",
     ]
     for level, stats in r["load"].items():
         for mode in MODES:
@@ -618,12 +621,14 @@ def table(r: dict, out: Path) -> str:
             lines.append(
                 f"{level:>7} {mode:<4} {x['tokens_per_sec']:8.0f} {x['requests_per_sec']:7.1f} "
                 f"{x['latency_p50_ms']:8.0f} {x['latency_p99_ms']:8.0f} {x['ttft_p50_ms'] or 0:9.0f} "
-                f"{x['ttft_p99_ms'] or 0:9.0f} {x['server_rss_mb']:7.0f} {x['client_cpu_share']:10.0%} "
+                f"{x['ttft_p99_ms'] or 0:9.0f} {x['server_rss_mb']:7.0f} {x['server_cpu_ms_per_token']:10.2f} "
+                f"{x['client_cpu_share']:10.0%} "
                 f"{x['errors']:6d}"
             )
         ratio = stats["on_vs_off"]
         lines.append(
-            f"{'':>7} on/off tokens/s {ratio['tokens_per_sec']:.2f}x, p99 latency {ratio['latency_p99']:.2f}x"
+            f"{'':>7} on/off tokens/s {ratio['tokens_per_sec']:.2f}x, p99 latency {ratio['latency_p99']:.2f}x, "
+            f"server CPU per token {ratio['server_cpu_per_token']:.2f}x"
         )
     rss = r["rss"]
     lines += [

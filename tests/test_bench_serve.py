@@ -78,6 +78,9 @@ def test_a_tiny_run_against_two_servers_writes_consistent_results(tmp_path):
             assert 0 < x["ttft_p50_ms"] <= x["ttft_p99_ms"] and x["streams"] == 6
             assert 0 < x["client_cpu_share"] < 1 and x["server_rss_mb"] > 0
             assert len(x["runs_tokens_per_sec"]) == 2
+            assert x["server_cpu_ms_per_token"] == pytest.approx(
+                x["server_cpu_s"] * 1000 / x["completion_tokens"]
+            )
         ratio = level["on_vs_off"]
         assert ratio["tokens_per_sec"] == pytest.approx(
             level["on"]["tokens_per_sec"] / level["off"]["tokens_per_sec"]

@@ -159,8 +159,9 @@ class Scheduler:
     def start(self) -> None:
         # The decode thread holds the GIL only between forwards; when a forward returns, it waits for the GIL
         # until the event loop thread yields it, by default up to 5 ms, as long as a batched step itself.
-        # Switching more often made 16 concurrent clients 1.25x faster here (bench/serve.py, same CPU time
-        # per token), so the interpreter's switch interval comes down for the whole server process.
+        # With 0.5 ms, 16 clients got 1.25x the tokens/s (median of 6 interleaved runs of bench/serve.py's
+        # requests on a busy 2-core machine, the same CPU time per token), so the interpreter's switch
+        # interval comes down for the whole server process.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         with self._cond:
             if self._thread is None and not self._closing:
@@ -240,9 +241,9 @@ class Scheduler:
         self._deliver()
 
     def _deliver(self) -> None:
-        """Hand the events of this step to the event loop(s) in one call each. Why: every call_soon_threadsafe
-        wakes the loop through a socket write, and one per request per step cost the decode thread a sixth of
-        its time under 16 streams."""
+        """Hand the events of this step to the event loop(s) in one call each: every call_soon_threadsafe is a
+        socket write to wake the loop, after which the decode thread waits for the GIL again; one per step
+        instead of one per request per step."""
         if not self._outbox:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, tuple]]] = {}
