@@ -99,6 +99,39 @@ def test_onnx_matches_torch_on_a_left_padded_batch_prefill_then_cached_decode(ex
         torch_past, next_pos = ref.past_kv, next_pos + new
 
 
+@pytest.mark.parametrize(
+    ("pe", "shape"),
+    [
+        ("rotary", {"activation": "relu", "bias": False}),
+        ("learned", {"tie_weights": False}),
+        ("sinusoidal", {"bias": False, "activation": "gelu"}),
+    ],
+)
+def test_fused_graph_matches_torch_for_other_model_shapes(tmp_path, pe, shape):
+    model = make_model_dir(tmp_path / "model", tiny_tokenizer(), pe, seed=5, **shape)
+    report = export_onnx(tmp_path / "model", tmp_path / "onnx", ExportConfig(), seed=1)
+    assert report["prefill_max_abs_diff"] < 1e-4 and report["decode_max_abs_diff"] < 1e-4
+    ops = {node.op_type for node in onnx.load(tmp_path / "onnx" / "model.onnx").graph.node}
+    bias_gelu = shape.get("activation", "gelu") == "gelu" and shape.get("bias", True)
+    assert "MultiHeadAttention" in ops and ("BiasGelu" in ops) == bias_gelu
+    assert ("Relu" in ops) == (shape.get("activation") == "relu")
+    assert ("RotaryEmbedding" in ops) == (pe == "rotary")
+    assert model.config.tie_weights == ("Transpose" in ops)  # the tied head reads the embedding table
+
+
+def test_dynamo_graph_matches_torch_and_fused_graph_has_under_half_its_nodes(exports, tmp_path):
+    _, model_dir, fused_dir, _ = exports["rotary"]
+    report = export_onnx(model_dir, tmp_path / "dynamo", ExportConfig(graph="dynamo"), seed=0)
+    assert report["prefill_max_abs_diff"] < 1e-4 and report["decode_max_abs_diff"] < 1e-4
+    config = json.loads((tmp_path / "dynamo" / "config.json").read_text())
+    assert config["graph"] == "dynamo"
+    assert json.loads((fused_dir / "config.json").read_text())["graph"] == "fused"
+    dynamo, fused = (onnx.load(d / "model.onnx").graph for d in (tmp_path / "dynamo", fused_dir))
+    assert [i.name for i in fused.input] == [i.name for i in dynamo.input]
+    assert [o.name for o in fused.output] == [o.name for o in dynamo.output]
+    assert len(fused.node) * 2 < len(dynamo.node)  # 2 layers: the mask's dozen nodes weigh more than at 4
+
+
 def test_parity_failure_raises_and_leaves_the_previous_export_intact(exports, monkeypatch):
     import lmpipe.export
 
@@ -135,6 +168,7 @@ def test_decode_steps_that_leave_no_room_fail_before_exporting(exports, monkeypa
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("graph", "torchscript"),
         ("opset", 17),
         ("parity_atol", -1.0),
         ("parity_decode_steps", -1),
