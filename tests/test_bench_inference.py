@@ -89,6 +89,14 @@ def test_random_run_writes_consistent_results(tmp_path):
     for mode in ("torch_cache", "ort_fp32", "ort_int8"):
         pre = result["prefill"][mode]
         assert 0 < pre["p50_ms"] <= pre["p95_ms"] and pre["tokens"] == 8 and pre["runs"] == 3
+    for mode in ("ort_fp32", "ort_int8"):
+        prof = result["profile"][mode]
+        assert prof["steps"] == 3 and prof["run_us"] > 0  # 4 new tokens: the prefill and 3 decode steps
+        assert prof["kernel_us"] == pytest.approx(sum(e["us_per_step"] for e in prof["ops"].values()))
+        assert sum(e["share"] for e in prof["ops"].values()) == pytest.approx(1.0)
+        assert prof["nodes"] == sum(e["nodes"] for e in prof["ops"].values())
+    assert "MultiHeadAttention" in result["profile"]["ort_fp32"]["ops"]
+    assert "DynamicQuantizeMatMul" in result["profile"]["ort_int8"]["ops"]
     ppl = result["perplexity"]
     assert ppl["scored_tokens"] == 2 * 128
     # Random weights predict nearly uniformly: perplexity close to the vocabulary size, fp32 alike in both runtimes.
