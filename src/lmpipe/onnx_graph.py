@@ -9,7 +9,7 @@ graph itself from the weights, with the `com.microsoft` operators ONNX Runtime's
 `RotaryEmbedding`, `MultiHeadAttention` (which appends the new keys and values to the past ones),
 `SkipLayerNormalization` (residual add, bias and LayerNorm in one) and `BiasGelu`. A block of the default
 model is twelve nodes (the QKV MatMul and its bias, a Split, two rotaries, the attention, the output MatMul, a
-SkipLayerNorm, the MLP's two MatMuls and BiasGelu, the next SkipLayerNorm), and a dozen small ones build the
+SkipLayerNorm, the MLP's two MatMuls and BiasGelu, the next SkipLayerNorm), and fifteen small ones build the
 attention bias once per run: 66 nodes for the default model against 228 (after ONNX Runtime's own fusions).
 
 Inputs and outputs are those of `lmpipe.export.io_names`, with the same meaning, so `OrtEngine`, quantization
