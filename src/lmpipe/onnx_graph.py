@@ -9,15 +9,17 @@ graph itself from the weights, with the `com.microsoft` operators ONNX Runtime's
 `RotaryEmbedding`, `MultiHeadAttention` (which appends the new keys and values to the past ones),
 `SkipLayerNormalization` (residual add, bias and LayerNorm in one) and `BiasGelu`. A block of the default
 model is twelve nodes (the QKV MatMul and its bias, a Split, two rotaries, the attention, the output MatMul, a
-SkipLayerNorm, the MLP's two MatMuls and BiasGelu, the next SkipLayerNorm), and fifteen small ones build the
-attention bias once per run: 66 nodes for the default model against 228 (after ONNX Runtime's own fusions).
+SkipLayerNorm, the MLP's two MatMuls and BiasGelu, the next SkipLayerNorm): 52 nodes for the default model
+against 228 (after ONNX Runtime's own fusions).
 
 Inputs and outputs are those of `lmpipe.export.io_names`, with the same meaning, so `OrtEngine`, quantization
-and parity checks see no difference. The attention bias reproduces the PyTorch model's mask exactly (causal
-from the end of the past, padding keys hidden, a query always seeing its own key), so even the cached keys and
-values of padding positions match PyTorch. Rotary angles come from a (block_size, head_dim / 2) table computed
-as the model computes them: a position at or past block_size is an error here, where PyTorch would extrapolate
-(generation never gets there: prompt plus new tokens must fit in block_size).
+and parity checks see no difference. Real tokens' logits and cached keys and values match PyTorch; a padding
+position's (left padding) do not, from the second layer on: the model lets a padding query see its own key,
+while here it sees only padding keys, all hidden, and gets their mean. Nothing real ever attends to a padding
+key (its score gets -10000 added, whose exp is 0 in float32), so only the masked cache entries differ. Rotary
+angles come from a (block_size, head_dim / 2) table computed as the model computes them: a position at or past
+block_size is an error here, where PyTorch would extrapolate (generation never gets there: prompt plus new tokens
+must fit in block_size).
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def build_graph(model: GPT, opset: int, input_names: list[str], output_names: li
         angles = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
         rotary = (g.init("rotary_cos", angles.cos().numpy()), g.init("rotary_sin", angles.sin().numpy()))
 
-    bias = _attention_bias(g, ids, attention_mask)
+    # Padding keys: hidden through MultiHeadAttention's key mask (-10000 added to their scores), causality by its
+    # `unidirectional`; building the model's exact (B, 1, T, P + T) boolean mask instead took 15 small nodes,
+    # ~11 % of an int8 decode step's kernel time (bench/README.md).
+    (key_mask,) = g.node("Cast", [attention_mask], "key_padding_mask", to=TensorProto.INT32)
     # SkipLayerNormalization adds the previous sublayer's output and bias to the residual stream, normalises the
     # sum, and returns the sum too: the first LayerNorm of the graph is the only plain one.
     (h,) = g.node("LayerNormalization", [x, *_ln(g, state, "blocks.0.ln_1")], "ln_0", axis=-1, epsilon=LN_EPS)
@@ -101,13 +106,14 @@ def build_graph(model: GPT, opset: int, input_names: list[str], output_names: li
         if rotary is not None:
             (q,) = g.node("RotaryEmbedding", [q, positions, *rotary], f"q_rot_{i}", MS_DOMAIN, num_heads=H)
             (k,) = g.node("RotaryEmbedding", [k, positions, *rotary], f"k_rot_{i}", MS_DOMAIN, num_heads=H)
-        attn_inputs = [q, k, v, "", "", bias, next(past), next(past)]
+        attn_inputs = [q, k, v, "", key_mask, "", next(past), next(past)]
         (y, *_) = g.node(
             "MultiHeadAttention",
             attn_inputs,
             [f"attn_{i}", next(present), next(present)],
             MS_DOMAIN,
             num_heads=H,
+            unidirectional=1,  # query i sees keys up to past + i: causal from the end of the past
         )
         a = _matmul(g, state, p + "attn.c_proj", y, f"attn_proj_{i}")
         h, x = _skip_ln(g, state, a, x, p + "attn.c_proj", p + "ln_2", f"ln2_{i}")
@@ -152,36 +158,6 @@ def build_graph(model: GPT, opset: int, input_names: list[str], output_names: li
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="lmpipe",
     )
-
-
-def _attention_bias(g: _Graph, ids: str, attention_mask: str) -> str:
-    """(B, 1, T, P + T) float: 0 where a query sees a key, -inf elsewhere; the model's mask, built once per run.
-
-    Key j is visible to query i (at absolute index P + i) iff j <= P + i and (key j is a real token or j is the
-    query's own index).
-    """
-    from onnx import TensorProto
-
-    scalar = lambda name, value, dtype=np.int64: g.init(name, np.array(value, dtype=dtype))  # noqa: E731
-    axes = lambda name, values: g.init(name, np.array(values, dtype=np.int64))  # noqa: E731
-    (t,) = g.node("Shape", [ids], "mask_T", start=1, end=2)
-    (s,) = g.node("Shape", [attention_mask], "mask_S", start=1, end=2)
-    (past_len,) = g.node("Sub", [s, t], "mask_P")
-    zero, one = scalar("mask_zero", 0), scalar("mask_one", 1)
-    (s0,) = g.node("Squeeze", [s], "mask_S0")
-    (p0,) = g.node("Squeeze", [past_len], "mask_P0")
-    (key,) = g.node("Range", [zero, s0, one], "mask_key")  # (S,)
-    (query,) = g.node("Range", [p0, s0, one], "mask_query")  # (T,)
-    (query_col,) = g.node("Unsqueeze", [query, axes("mask_axis_1", [1])], "mask_query_col")  # (T, 1)
-    (causal,) = g.node("LessOrEqual", [key, query_col], "mask_causal")  # (T, S)
-    (own,) = g.node("Equal", [key, query_col], "mask_own")
-    (real,) = g.node("Cast", [attention_mask], "mask_real", to=TensorProto.BOOL)  # (B, S)
-    (real4,) = g.node("Unsqueeze", [real, axes("mask_axes_12", [1, 2])], "mask_real4")  # (B, 1, 1, S)
-    (visible,) = g.node("Or", [real4, own], "mask_visible")  # (B, 1, T, S)
-    (allowed,) = g.node("And", [visible, causal], "mask_allowed")
-    hidden = scalar("mask_hidden", -np.inf, np.float32)
-    (bias,) = g.node("Where", [allowed, scalar("mask_open", 0.0, np.float32), hidden], "attention_bias")
-    return bias
 
 
 def _ln(g: _Graph, state: dict, name: str) -> list[str]:
