@@ -8,8 +8,8 @@ float32 per layer; its outputs are `logits` (B, T, V) and `present_key_<i>` / `p
 1.1-1.3x faster (the stacked form copies the whole cache more per step).
 
 The graph is written from the weights with ONNX Runtime's fused transformer operators by default
-(`export.graph=fused`, `lmpipe.onnx_graph`: 66 nodes for the default model against the dynamo exporter's 228; a
-decode step's kernels take 1.8x less time in fp32 and 2.3x less in int8, bench/README.md); `export.graph=dynamo`
+(`export.graph=fused`, `lmpipe.onnx_graph`: 52 nodes for the default model against the dynamo exporter's 228; a
+decode step's kernels take about half the time in fp32 and a third in int8, bench/README.md); `export.graph=dynamo`
 traces it with torch.onnx's dynamo exporter instead (standard ONNX operators only, for other runtimes). Both have
 the same inputs and outputs.
 
