@@ -4,8 +4,8 @@ The fused export (`lmpipe.onnx_graph`) appends each step's keys and values with 
 copies the whole past into a new present tensor per layer and step. This probe rewrites an export's graph so
 that each `MultiHeadAttention` becomes ONNX Runtime's `GroupQueryAttention` (as many key/value heads as query
 heads) over a cache of block_size positions: past and present are bound to one buffer per layer (I/O binding),
-which the operator appends to in place. Everything else (rotary nodes, the attention bias, the MatMuls, int8
-or not) stays as exported. Batch 1, greedy, the same prompt and loop for both; the modes alternate over
+which the operator appends to in place. Everything else (rotary nodes, the MatMuls, int8 or not) stays as
+exported; the key padding mask is left out (batch 1, no padding), causality is the operator's own. Batch 1, greedy, the same prompt and loop for both; the modes alternate over
 `--repeats` rounds and the median tokens/s is reported, with whether both generated the same tokens.
 
     python bench/fixed_cache_probe.py --onnx-dir models/onnx/teacher --threads 1 [--out results.json]
@@ -40,6 +40,7 @@ def fixed_cache_graph(onnx_path: Path, config: dict):
     for i, node in enumerate(graph.node):
         if node.op_type != "MultiHeadAttention":
             continue
+        # GroupQueryAttention has no key padding mask: the probe runs batch 1 without padding, so it is left out.
         q, k, v, _, _, bias, past_key, past_value = node.input
         graph.node.remove(node)
         gqa = helper.make_node(
