@@ -85,7 +85,7 @@ compare-encoder: setup  ## fine-tune the encoder with every encoder.method and c
 	$(BIN)/python -m lmpipe.encoder.compare metrics/encoder-compare
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src pipelines tests bench
+	$(BIN)/ruff check src pipelines tests bench scripts
 
 params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make params OVERRIDES="experiment=smoke"
 	$(BIN)/lmpipe params $(OVERRIDES)
