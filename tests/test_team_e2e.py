@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from smoke_repo import STAGES, fill_pipeline_run, ran_stages, run, smoke_repo
+from smoke_repo import STAGES, fill_pipeline_run, ran_stages, smoke_repo
 from team_stack import TeamStack
+from workspace import run
 
 pytestmark = pytest.mark.slow
 

@@ -29,10 +29,17 @@ def store(tmp_path_factory):
 def in_store(store, monkeypatch):
     """Run in the store's folder (not a git repository) with no tracking variables from outside."""
     monkeypatch.chdir(store)
-    for var in ("MLFLOW_TRACKING_URI", tracking.PIPELINE_ID_ENV, "DVC_EXP_NAME", "GIT_DIR", "GIT_WORK_TREE"):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        tracking.PIPELINE_ID_ENV,
+        "DVC_EXP_NAME",
+        tracking.ROOT_ENV,
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+    ):
         monkeypatch.setenv(var, "")  # recorded as absent, so teardown removes whatever MLflow sets
         monkeypatch.delenv(var)
-    for var in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+    for var in tracking.RANK_ENVS:
         monkeypatch.delenv(var, raising=False)
     return store
 
@@ -148,10 +155,10 @@ def test_log_metrics_without_an_active_run_is_a_no_op(in_store, monkeypatch):
     assert logged == [({"a": 1.0, "nested.b": 2.0},)]  # the same call logs once a run is active
 
 
-@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "NODE_RANK"])
+@pytest.mark.parametrize("var", ["RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"])
 def test_worker_processes_do_not_track(tmp_path, monkeypatch, var):
     monkeypatch.chdir(tmp_path)
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+    for name in tracking.RANK_ENVS:
         monkeypatch.delenv(name, raising=False)
     assert tracking.is_main_process()
     monkeypatch.setenv(var, "0")
@@ -161,6 +168,7 @@ def test_worker_processes_do_not_track(tmp_path, monkeypatch, var):
     cfg = make_cfg(tmp_path)
     with tracking.stage_run("pretrain", cfg, SECTIONS) as run:
         assert run is None
+    assert tracking.lightning_logger(run, cfg) is False  # Lightning's logger would open the store
     assert list(tmp_path.iterdir()) == []  # no store, no artifacts
 
 
@@ -199,9 +207,53 @@ def test_git_commit_outside_and_inside_a_repository(tmp_path, monkeypatch):
 def test_tracking_uri_environment_variable_wins(monkeypatch):
     cfg = tracking.TrackingConfig(tracking_uri="sqlite:///local.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.ROOT_ENV, raising=False)
     assert cfg.resolved_uri == "sqlite:///local.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert cfg.resolved_uri == "http://mlflow.internal:5000"
+
+
+def test_a_relative_store_is_the_workspace_one_when_dvc_runs_the_stage(tmp_path, monkeypatch):
+    # A queued DVC experiment runs in a temporary copy (the working directory) and names the workspace in DVC_ROOT.
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(workspace))
+
+    def resolved(uri: str) -> str:
+        return tracking.TrackingConfig(tracking_uri=uri).resolved_uri
+
+    assert resolved("sqlite:///mlruns.db") == f"sqlite:///{workspace}/mlruns.db"
+    assert resolved("sqlite:///stores/m.db") == f"sqlite:///{workspace}/stores/m.db"
+    assert resolved("mlruns") == str(workspace / "mlruns")
+    for uri in ("sqlite:////srv/mlflow.db", "sqlite:///:memory:", "http://mlflow:5000", "file:///srv/mlruns"):
+        assert resolved(uri) == uri
+    monkeypatch.delenv(tracking.ROOT_ENV)
+    assert resolved("sqlite:///mlruns.db") == "sqlite:///mlruns.db"  # outside DVC: the working directory's
+
+
+def test_a_stage_in_a_temporary_copy_logs_to_the_workspace_store(tmp_path, monkeypatch, mlflow_template_db):
+    from conftest import fresh_mlflow_db
+    from mlflow.tracking import MlflowClient
+
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    fresh_mlflow_db(mlflow_template_db, workspace / "mlruns.db")
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    for var in ("MLFLOW_TRACKING_URI", tracking.PIPELINE_ID_ENV, "DVC_EXP_NAME"):
+        monkeypatch.setenv(var, "")  # recorded as absent, so teardown removes whatever MLflow sets
+        monkeypatch.delenv(var)
+    monkeypatch.setenv(tracking.ROOT_ENV, str(workspace))
+    cfg = make_cfg(workspace)
+    cfg.logger.tracking_uri = "sqlite:///mlruns.db"  # the default: relative
+    with tracking.stage_run("prepare", cfg, SECTIONS) as run:
+        pass
+
+    assert not (copy / "mlruns.db").exists() and not (copy / "mlartifacts").exists()
+    stored = MlflowClient(f"sqlite:///{workspace}/mlruns.db").get_run(run.info.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.info.artifact_uri.startswith((workspace / "mlartifacts").as_uri() + "/")
 
 
 def free_port() -> int:
@@ -292,6 +344,10 @@ def test_a_rerun_marks_the_stage_runs_its_dead_predecessors_left_running_failed(
 
 
 def test_the_lightning_logger_leaves_the_stage_run_to_the_stage(in_store, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # Lightning fixes its rank when first imported: an earlier test may have imported it with RANK=1 set.
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
     monkeypatch.setenv(tracking.PIPELINE_ID_ENV, "pipe-logger")
     cfg = make_cfg(in_store)
     with tracking.stage_run("pretrain", cfg, SECTIONS) as run:

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import lightning as L
 import pytest
@@ -10,7 +11,7 @@ from mlflow import MlflowClient
 
 from lmpipe import config
 from lmpipe.tokenizer import read_meta
-from lmpipe.training import core
+from lmpipe.training import core, datamodules
 from lmpipe.training import pretrain as pretrain_module
 from lmpipe.training.pretrain import pretrain
 
@@ -238,25 +239,157 @@ def test_the_number_of_samples_does_not_restart_training(tiny_config):
     assert fingerprint(tiny_config("pretrain.num_samples=2")) == fingerprint(tiny_config())
 
 
+# DDP against one process: the tiny model for DDP_STEPS steps at batch DDP_BATCH on one process, and on two
+# DDP processes at DDP_BATCH / 2 each, same seed. Rank r draws its windows from the stream (seed, batch, r): rank 0
+# the first half of what one process at the full batch draws, rank 1 others. So
+# - exactly: one process fed, per step, the windows of both ranks must reproduce DDP's val curve (gradients
+#   averaged over the ranks = the gradient of the whole batch); measured equal to 4 decimals, float sums in
+#   another order allow DDP_EXACT;
+# - statistically: one process drawing its own windows must land near it. Measured at seeds 1-4 (val loss at
+#   steps 20 / 40, `tests` shards, 2 shared cores): one-process runs spread over 0.078 / 0.065 nats between seeds,
+#   and DDP minus one process at the same seed was -0.022..+0.107 / -0.005..+0.090 (rank 1's other windows alone
+#   moved seed 3 by 0.1: the corpus is 6.5k tokens, some windows are hard). DDP_TOLERANCE is 1.5x the largest.
+DDP_STEPS, DDP_BATCH, DDP_EXACT, DDP_TOLERANCE = 40, 16, 2e-3, 0.16
+
+
+class AllRanksWindows(datamodules.RandomWindows):
+    """One process's batch `b` made of what each of RANKS ranks draws at batch_size / RANKS."""
+
+    RANKS = 2
+    ONE_RANK = datamodules.RandomWindows
+
+    def batch(self, index):
+        part = self.batch_size // self.RANKS
+        halves = [
+            self.ONE_RANK(
+                self.tokens_dir, self.split, self.block_size, part, self.spec._replace(rank=rank)
+            ).batch(index)
+            for rank in range(self.RANKS)
+        ]
+        return torch.cat([x for x, _ in halves]), torch.cat([y for _, y in halves])
+
+
 @pytest.mark.slow
-def test_ddp_stage_run_on_two_processes(tiny_overrides, tmp_path, conf_dir):
+def test_ddp_on_two_processes_learns_what_one_process_learns(
+    tiny_config, tiny_overrides, tmp_path, conf_dir, monkeypatch
+):
+    shape = [f"trainer.max_steps={DDP_STEPS}", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5"]
+
     # Lightning's DDP launcher re-runs this very command line in a second process (LOCAL_RANK=1).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
     env.update(LMPIPE_PIPELINE_ID="pytest-ddp", OMP_NUM_THREADS="1")
     command = [
         sys.executable,
         "pipelines/pretrain.py",
+        *tiny_overrides(tmp_path / "ddp"),
+        f"model.block_size={BLOCK}",
+        "trainer=ddp",
+        *shape,
+        f"pretrain.batch_size={DDP_BATCH // 2}",
+    ]
+    proc = subprocess.run(command, cwd=conf_dir.parent, env=env, capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1" in output
+
+    out = tmp_path / "ddp"
+    metrics = json.loads((out / "metrics" / "pretrain.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == DDP_STEPS
+    assert metrics["tokens_seen"] == DDP_STEPS * DDP_BATCH * BLOCK
+    val = [(int(step), float(loss)) for step, loss in csv_rows(out / "plots" / "pretrain" / "val_loss.csv")]
+    assert [step for step, _ in val] == [10, 20, 30, 40]
+
+    # Only rank 0 wrote outputs and talked to MLflow (checked before the runs below add theirs): one stage run
+    # (with one val_loss per validation) under one pipeline run, and the stage's closing line printed once.
+    assert (out / "models" / "pretrain" / "model.pt").is_file()
+    assert not list((out / "checkpoints" / "pretrain").glob("*.tmp"))
+    assert output.count(f"pretrain: {DDP_STEPS} steps") == 1, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["pipeline pytest-ddp", "pretrain"]
+    (stage,) = [run for run in runs if run.info.run_name == "pretrain"]
+    assert stage.data.metrics["final.world_size"] == 2
+    history = client.get_metric_history(stage.info.run_id, "val_loss")
+    assert [round(m.value, 4) for m in history] == [round(loss, 4) for _, loss in val]
+
+    one = pretrain(tiny_config(*shape, f"pretrain.batch_size={DDP_BATCH}", root=tmp_path / "one"), run=None)
+    for (step, ddp_loss), (_, one_loss) in zip(val, one.curves["val_loss"], strict=True):
+        if step in (DDP_STEPS // 2, DDP_STEPS):  # mid-run and final
+            assert abs(ddp_loss - one_loss) < DDP_TOLERANCE, (step, ddp_loss, one_loss)
+    monkeypatch.setattr(datamodules, "RandomWindows", AllRanksWindows)
+    same = pretrain(tiny_config(*shape, f"pretrain.batch_size={DDP_BATCH}", root=tmp_path / "same"), run=None)
+    assert [step for step, _ in same.curves["val_loss"]] == [step for step, _ in val]
+    assert [loss for _, loss in same.curves["val_loss"]] == pytest.approx(
+        [loss for _, loss in val], abs=DDP_EXACT
+    )
+
+
+def slurm_task(rank: int) -> dict[str, str]:
+    """The environment `srun --ntasks=2` gives task `rank` on one node, as Lightning's SLURMEnvironment reads it."""
+    return {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NAME": "lmpipe-test",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_a_launcher_starts_every_rank_and_only_rank_0_tracks(tiny_overrides, tmp_path, conf_dir, launcher):
+    # torchrun and srun start both processes at once (Lightning's own launcher starts rank 1 only once rank 0
+    # has set up its run): rank 1 must keep out of the MLflow store and the checkpoint folder from its first
+    # line on. Without srun here, the two tasks get the environment srun would give them.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP", "SLURM_"))
+    }
+    env.update(LMPIPE_PIPELINE_ID=f"pytest-{launcher}", OMP_NUM_THREADS="1")
+    stage = [
+        "pipelines/pretrain.py",
         *tiny_overrides(),
         f"model.block_size={BLOCK}",
         "trainer=ddp",
         "trainer.max_steps=10",
+        f"pretrain.batch_size={BATCH // 2}",
     ]
-    proc = subprocess.run(command, cwd=conf_dir.parent, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    tasks = (
+        [([*torchrun, *stage], env)]
+        if launcher == "torchrun"
+        else [([sys.executable, *stage], env | slurm_task(rank)) for rank in (0, 1)]
+    )
+    logs = [tmp_path / f"launch{n}.log" for n in range(len(tasks))]  # files: a full pipe would stall a rank
+    procs = []
+    for (cmd, e), log in zip(tasks, logs, strict=True):
+        with log.open("w") as out:
+            procs.append(
+                subprocess.Popen(cmd, cwd=conf_dir.parent, env=e, stdout=out, stderr=subprocess.STDOUT)
+            )
+    deadline = time.monotonic() + 400
+    try:  # a rank that died leaves the other waiting for it: stop at the first failure
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            assert time.monotonic() < deadline, "the ranks did not finish in 400 s"
+            time.sleep(1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = "".join(log.read_text() for log in logs)
+    assert [proc.returncode for proc in procs] == [0] * len(procs), output[-5000:]
 
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 10
-    assert metrics["tokens_seen"] == 10 * BATCH * BLOCK * 2
-    assert (tmp_path / "models" / "pretrain" / "model.pt").is_file()
-    assert (tmp_path / "plots" / "pretrain" / "train_loss.csv").read_text().startswith("step,loss\n")
-    assert "Initializing distributed: GLOBAL_RANK: 1" in proc.stdout + proc.stderr
+    assert metrics["world_size"] == 2 and metrics["tokens_seen"] == 10 * BATCH * BLOCK
+    assert output.count("pretrain: 10 steps") == 1, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == [f"pipeline pytest-{launcher}", "pretrain"]
+
+
+def csv_rows(path) -> list[list[str]]:
+    """The data rows of a curve CSV (its header dropped)."""
+    return [line.split(",") for line in path.read_text().splitlines()[1:]]

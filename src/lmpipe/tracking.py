@@ -12,9 +12,12 @@ it FAILED while the latest run of some stage failed. Its params and headline met
 training experiment (`EXPERIMENT_KIND`).
 
 The default store is embedded: `sqlite:///mlruns.db` with artifacts under `mlartifacts/`. The environment
-variable `MLFLOW_TRACKING_URI` points every stage at a real server instead. A server that does not answer fails
-a stage in one line: at its start (`check_server`), or on the way (`server_lost`: MLflow's HTTP retries are
-bounded by HTTP_LIMITS so that this comes within seconds, not minutes).
+variable `MLFLOW_TRACKING_URI` points every stage at a real server instead. A relative store path is taken from
+the workspace root that DVC names in `DVC_ROOT` when it runs a stage (`workspace_root`): a queued experiment
+(`dvc exp run --queue`) runs in a temporary copy of the repository, and its runs must land in the workspace's
+store, not in a copy deleted afterwards. A server that does not answer fails a stage in one line: at its start
+(`check_server`), or on the way (`server_lost`: MLflow's HTTP retries are bounded by HTTP_LIMITS so that this
+comes within seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ TAG_KIND = "lmpipe.kind"
 TAG_DIRTY = "lmpipe.git_dirty"
 TAG_DVC_EXP = "lmpipe.dvc_exp"
 """The DVC experiment name (DVC_EXP_NAME, set by `dvc exp run`) of a stage run and its pipeline run."""
+TRIAL_ENV = "LMPIPE_TRIAL"
+TAG_TRIAL = "lmpipe.trial"
+"""On a stage run of a sweep (`lmpipe.sweep`): the trial's overrides (LMPIPE_TRIAL), also in its run name."""
 TAG_STAGES_RUN = "lmpipe.stages_run"
 """On a pipeline run: the stages that ran in it (the others' results came from DVC's cache), or "none"."""
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -85,7 +91,32 @@ class TrackingConfig:
 
     @property
     def resolved_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or anchored_uri(self.tracking_uri)
+
+
+ROOT_ENV = "DVC_ROOT"
+"""Set by DVC for every stage it runs: the repository's root, which for a queued experiment is the workspace the
+experiment was queued from, not the temporary copy it runs in."""
+
+
+def workspace_root() -> Path:
+    """Where relative store paths are taken from: DVC_ROOT when DVC runs the stage, else the working directory."""
+    return Path(os.environ.get(ROOT_ENV) or ".")
+
+
+def anchored_uri(uri: str) -> str:
+    """`uri` with a relative sqlite file or store folder made absolute under DVC_ROOT when DVC runs the stage;
+    any other URI (a server, an absolute path), or any URI outside DVC, as it is."""
+    if not os.environ.get(ROOT_ENV):
+        return uri
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{(workspace_root() / path).resolve()}"
+        return uri
+    if "://" not in uri and not uri.startswith("file:") and not Path(uri).is_absolute():
+        return str((workspace_root() / uri).resolve())
+    return uri
 
 
 def git_commit() -> tuple[str, bool]:
@@ -184,9 +215,16 @@ def experiment_id(cfg: TrackingConfig) -> str:
     if "://" not in location:
         # A bare folder is only meaningful for an embedded store; a server picks its own artifact root.
         local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-        location = Path(location).resolve().as_uri() if local_store else None
+        location = (workspace_root() / location).resolve().as_uri() if local_store else None
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=tags)
+    try:
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=location, tags=tags)
+    except mlflow.exceptions.MlflowException:
+        # Another process (a parallel DVC queue worker) created it first.
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def runs_url(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
@@ -274,9 +312,13 @@ def stage_run(stage: str, cfg: DictConfig, sections: Sequence[str]) -> Iterator[
     }
     if dvc_exp_name():
         tags[TAG_DVC_EXP] = dvc_exp_name()
+    trial = os.environ.get(TRIAL_ENV)
+    if trial:
+        tags[TAG_TRIAL] = trial
+    name = f"{stage} [{trial}]" if trial else stage
     lost = None
     try:
-        with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
+        with mlflow.start_run(experiment_id=experiment, run_name=name, tags=tags) as run:
             try:
                 params = config.flatten({name: loggable(cfg[name]) for name in sections})
                 mlflow.log_params({k: short(v) for k, v in params.items()})
@@ -306,14 +348,26 @@ def short(value: Any, limit: int = 6000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+RANK_ENVS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+"""Where a launcher puts a process's rank: Lightning's own DDP launcher and torchrun set the first three; `srun`
+sets only SLURM_PROCID, from which Lightning takes the global rank."""
+
+
 def is_main_process() -> bool:
     """False in the extra processes a multi-process (DDP) launch starts; they must not log or write outputs."""
-    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(int(os.environ.get(var) or 0) == 0 for var in RANK_ENVS)
 
 
 def lightning_logger(run: mlflow.ActiveRun | None, cfg: DictConfig):
-    """A Lightning MLFlowLogger writing into the stage's open run (Lightning only logs from rank zero)."""
+    """A Lightning MLFlowLogger writing into the stage's open run; False (no logger) in the other processes of a
+    multi-process launch."""
     from lightning.pytorch.loggers import MLFlowLogger
+
+    if not is_main_process():
+        # Lightning only logs from rank zero, but its MLFlowLogger opens the store as it is made: under torchrun
+        # or srun every rank starts at once, and a second process creating a new sqlite schema beside rank 0's
+        # fails ("duplicate column name").
+        return False
 
     class StageRunLogger(MLFlowLogger):
         def finalize(self, status: str = "success") -> None:
@@ -351,3 +405,20 @@ def metric_name(key: str) -> str:
     """`key` with what MLflow refuses in a metric name (all but alphanumerics and _-. :/) as "_":
     "tf-idf + logistic regression" has a +."""
     return re.sub(r"[^\w\-. :/]", "_", key)
+
+
+def main() -> int:
+    """`python -m lmpipe.tracking`: create the configured store and the project's experiment now (from
+    params.yaml), so that parallel workers (`dvc queue start -j N`) find both instead of racing to create them."""
+    try:
+        cfg: TrackingConfig = config.build(config.load().logger)
+        experiment = experiment_id(cfg)
+    except LmpipeError as exc:
+        print(f"tracking: error: {config.one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"tracking: {cfg.resolved_uri}, experiment {cfg.experiment_name} ({experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,20 +7,23 @@ for the engine. Why a thread: ONNX Runtime releases the GIL while it runs, so th
 
 A request becomes a `Ticket` (one prompt, or the prompts of one completions request) and waits in a bounded
 queue. Between two steps the loop admits the waiting tickets that fit in `max_running` rows, in arrival order,
-prefills their prompts together (left-padded, as `OrtEngine` batches a request) and joins them to the running
-batch: both caches are left-padded with masked columns to a common length. Every step samples each ticket's
-rows with that ticket's own parameters and random generator, exactly as `OrtEngine.generate` samples the same
-prompts alone: the same draws in the same order, so a seeded result does not depend on what else runs. The
-logits are those of the row alone up to the order in which masked zeros are summed, so fp32 greedy decoding
-gives the same tokens (tested); dynamic int8 quantizes activations over the whole batch, so near-ties can flip.
-Rows that finish, and rows whose client went away, leave the batch before the next forward; the cache columns
-no remaining row reads are cut off, so the cache never outgrows the longest running sequence.
+prefills each one's prompts (left-padded, as `OrtEngine` batches a request) and joins them to the running
+batch: into the slots of rows that have left, or appended, both caches left-padded with masked columns to a
+common length. Every step samples each ticket's rows with that ticket's own parameters and random generator,
+exactly as `OrtEngine.generate` samples the same prompts alone: the same draws in the same order, so a seeded
+result does not depend on what else runs. The logits are those of the row alone up to the order in which
+masked zeros are summed, so fp32 greedy decoding gives the same tokens (tested); dynamic int8 quantizes
+activations over the whole batch, so near-ties can flip.
+Rows that finish, and rows whose client went away, leave the batch before the next forward, their slots free
+for the next request to join (`_Batch`); the cache is compacted when free slots or columns no running row
+reads waste more than a copy costs, so it outgrows the longest running sequence by at most a third.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 """What a 503 for a full queue tells the client to wait (Retry-After, seconds): slots free every few steps."""
 
+SWITCH_INTERVAL_S = 0.0005
+"""Longest time a thread keeps the GIL while another waits for it, once a scheduler runs (sys.setswitchinterval;
+Python's default is 0.005): the decode thread's wait after every forward."""
 Delta = tuple[int, str, str | None]
 """(prompt index in its request, new text, finish reason or None), as `OrtEngine.stream` yields them."""
 
@@ -99,10 +105,8 @@ class Ticket:
     # --- the worker's side ---
 
     def _post(self, kind: str, value=None) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
+        """Queue an event for the request's coroutine; the scheduler delivers a step's events together."""
+        self._scheduler._outbox.append((self, (kind, value)))
 
     def _pushed(self, index: int) -> None:
         """Note what row `index`'s new token lets a stream send (text held back as `OrtEngine.stream` does)."""
@@ -140,11 +144,12 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._batch = _Batch(engine)
         self._prefilling = 0
+        self._outbox: list[tuple[Ticket, tuple]] = []  # the worker's events not yet handed to the event loop
 
     @property
     def running(self) -> int:
         """Rows in the running batch, those being prefilled to join it included."""
-        return len(self._batch.rows) + self._prefilling
+        return self._batch.live + self._prefilling
 
     @property
     def waiting(self) -> int:
@@ -152,6 +157,12 @@ class Scheduler:
         return len(self._waiting)
 
     def start(self) -> None:
+        # The decode thread holds the GIL only between forwards; when a forward returns, it waits for the GIL
+        # until the event loop thread yields it, by default up to 5 ms, as long as a batched step itself.
+        # With 0.5 ms, 16 clients got 1.25x the tokens/s (median of 6 interleaved runs of bench/serve.py's
+        # requests on a busy 2-core machine, the same CPU time per token), so the interpreter's switch
+        # interval comes down for the whole server process.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         with self._cond:
             if self._thread is None and not self._closing:
                 self._thread = threading.Thread(target=self._work, name="lmpipe-decode", daemon=True)
@@ -210,31 +221,54 @@ class Scheduler:
         batch = self._batch
         while True:
             with self._cond:
-                while not (self._waiting or batch.rows or self._closing):
+                while not (self._waiting or batch.live or self._closing):
                     self._cond.wait()
                 if self._closing:
                     leftover = [*self._waiting, *batch.tickets()]
                     self._waiting.clear()
                     break
-                joining = self._take(len(batch.rows))
+                joining = self._take(batch.live)
             if joining:
                 self._join(batch, joining)
-            if batch.rows:
+            if batch.live:
                 self._step(batch)
+            self._deliver()
         batch.clear()
         for ticket in leftover:
             ticket._post(
                 "error", ApiError(503, "the server shut down before this request finished", code="shutdown")
             )
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the events of this step to the event loop(s) in one call each: every call_soon_threadsafe is a
+        socket write to wake the loop, after which the decode thread waits for the GIL again; one per step
+        instead of one per request per step."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, tuple]]] = {}
+        for ticket, event in self._outbox:
+            by_loop.setdefault(ticket._loop, []).append((ticket, event))
+        self._outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_events, events)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
 
     def _join(self, batch: _Batch, tickets: list[Ticket]) -> None:
-        """Prefill the joining tickets together and add their rows to the batch."""
-        rows = [(t, i) for t in tickets for i in range(len(t.sequences))]
-        self._prefilling = len(rows)
+        """Prefill the joining tickets, one request at a time, and add their rows to the batch. Why not all
+        together: prompts of other requests would be padded to the longest, and a batched prefill saved
+        nothing on CPU (a prefill is already matrix work, unlike a decode step)."""
+        self._prefilling = sum(len(t.sequences) for t in tickets)
         try:
-            batch.add(rows, [t.sequences[i].prompt_ids for t, i in rows])
+            for ticket in tickets:
+                if not ticket.cancelled:  # else its client left while the ones before it were prefilled
+                    prompts = [seq.prompt_ids for seq in ticket.sequences]
+                    batch.add([(ticket, i) for i in range(len(prompts))], prompts)
+                self._prefilling -= len(ticket.sequences)  # now counted in the batch, or gone
         except Exception as exc:  # a broken engine must not take the loop down: these requests fail
-            log.exception("prefill of %d prompts failed", len(rows))
+            log.exception("prefill of %d requests failed", len(tickets))
             _fail(tickets, exc)
             return
         finally:
@@ -245,55 +279,77 @@ class Scheduler:
     def _step(self, batch: _Batch) -> None:
         """Sample every row's next token with its request's parameters, report it, let finished and
         cancelled rows go, and run the next forward."""
-        tokens = np.zeros(len(batch.rows), dtype=np.int64)
+        tokens = np.full(len(batch.slots), self.engine.config["pad_id"], dtype=np.int64)
         groups: dict[Ticket, list[int]] = {}
-        for r, (ticket, _) in enumerate(batch.rows):
-            groups.setdefault(ticket, []).append(r)
-        for ticket, rows in groups.items():
+        for slot, ticket, _ in batch.rows():
+            groups.setdefault(ticket, []).append(slot)
+        for ticket, slots in groups.items():
             if not ticket.cancelled:
-                tokens[rows] = sample_next(batch.logits[rows], ticket.params, ticket.rng)
-        keep = []
-        for r, (ticket, i) in enumerate(batch.rows):
+                tokens[slots] = sample_next(batch.logits[slots], ticket.params, ticket.rng)
+        leaving = []
+        for slot, ticket, i in batch.rows():
             if ticket.cancelled:
+                leaving.append(slot)
                 continue
             seq = ticket.sequences[i]
-            seq.push(int(tokens[r]))
+            seq.push(int(tokens[slot]))
             ticket._pushed(i)
-            if seq.finish_reason is None:
-                keep.append(r)
+            if seq.finish_reason is not None:
+                leaving.append(slot)
         for ticket in groups:
             if not ticket.cancelled:
                 ticket._flush()
-        batch.keep(keep)
-        if batch.rows:
+        tokens = batch.release(leaving, tokens)
+        if batch.live:
             try:
-                batch.advance(tokens[keep])
+                batch.advance(tokens)
             except Exception as exc:
-                log.exception("decode step over %d rows failed", len(batch.rows))
+                log.exception("decode step over %d rows failed", batch.live)
                 _fail(batch.tickets(), exc)
                 batch.clear()
 
 
 class _Batch:
     """The running rows and what the next step needs: each row's last logits, the per-layer cache, the
-    attention mask over the cache's columns and each row's next position."""
+    attention mask over the cache's columns and each row's next position.
+
+    A row that leaves frees its slot instead of being cut out at once: copying the whole cache to drop one
+    row cost about as much as a decode step (the benchmark's 16 clients spent 45 % of the decode thread on
+    such copies), while a free slot costs one row of the forward. A joining prompt takes free slots in place
+    (its cache written into those rows, right-aligned); the cache is compacted (free slots dropped, columns
+    no running row reads cut off) only once free slots are at least as many as running rows, one has stayed
+    free for `FREE_STEPS` steps, or the unread columns reach a quarter of the cache."""
+
+    FREE_STEPS = 8
+    """Steps a free slot may wait for a joining request before the cache is compacted without it."""
 
     def __init__(self, engine: OrtEngine):
         self.engine = engine
         self.clear()
 
     def clear(self) -> None:
-        self.rows: list[tuple[Ticket, int]] = []
-        self.logits = np.zeros((0, 0), dtype=np.float32)  # (rows, vocabulary) once a row has joined
+        self.slots: list[tuple[Ticket, int] | None] = []  # (ticket, its prompt index), None = free
+        self.logits = np.zeros((0, 0), dtype=np.float32)  # (slots, vocabulary) once a row has joined
         self.past: Past = []
         self.mask = np.zeros((0, 0), dtype=np.int64)
         self.next_pos = np.zeros((0, 1), dtype=np.int64)
+        self.freed: dict[int, int] = {}  # free slot -> steps since it was freed
+
+    @property
+    def live(self) -> int:
+        """Running rows (free slots not counted)."""
+        return len(self.slots) - len(self.freed)
+
+    def rows(self) -> list[tuple[int, Ticket, int]]:
+        """(slot, ticket, prompt index) of every running row."""
+        return [(slot, *row) for slot, row in enumerate(self.slots) if row is not None]
 
     def tickets(self) -> list[Ticket]:
-        return list(dict.fromkeys(t for t, _ in self.rows))
+        return list(dict.fromkeys(row[0] for row in self.slots if row is not None))
 
     def add(self, rows: list[tuple[Ticket, int]], prompts: list[list[int]]) -> None:
-        """Prefill `prompts` (left-padded among themselves) and join their rows to the batch."""
+        """Prefill `prompts` (left-padded among themselves) and join their rows to the batch: into free slots
+        when there are enough and the prompts fit the cache's width, else appended."""
         width = max(map(len, prompts))
         ids = np.full((len(prompts), width), self.engine.config["pad_id"], dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -303,7 +359,23 @@ class _Batch:
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         logits, past = self.engine.forward(ids, positions, mask, None)
         logits, next_pos = logits[:, -1], positions[:, -1:] + 1
-        if self.rows:
+        if len(rows) <= len(self.freed) and width <= self.mask.shape[1]:
+            slots = np.asarray(sorted(self.freed)[: len(rows)], dtype=np.int64)
+            pad = self.mask.shape[1] - width
+            for (k0, v0), (k1, v1) in zip(self.past, past, strict=True):
+                for old, new in ((k0, k1), (v0, v1)):
+                    old[slots, :, :pad] = 0
+                    old[slots, :, pad:] = new
+            self.mask[slots, :pad] = 0
+            self.mask[slots, pad:] = mask
+            self.logits[slots], self.next_pos[slots] = logits, next_pos
+            for slot, row in zip(slots.tolist(), rows, strict=True):
+                self.slots[slot] = row
+                del self.freed[slot]
+            return
+        if self.freed:
+            self._compact()
+        if self.slots:
             past = [
                 (_right_aligned(k0, k1, axis=2), _right_aligned(v0, v1, axis=2))
                 for (k0, v0), (k1, v1) in zip(self.past, past, strict=True)
@@ -312,16 +384,40 @@ class _Batch:
             logits = np.concatenate((self.logits, logits))
             next_pos = np.concatenate((self.next_pos, next_pos))
         self.past, self.mask, self.logits, self.next_pos = past, mask, logits, next_pos
-        self.rows = self.rows + rows
+        self.slots = self.slots + rows
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only batch rows `rows`, and cut the leading cache columns none of them reads."""
-        if len(rows) == len(self.rows):
-            return
-        index = np.asarray(rows, dtype=np.int64)
-        self.rows = [self.rows[r] for r in rows]
+    def release(self, slots: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Free `slots`, compact the cache if that pays now, and return `tokens` (one per slot) for the
+        slots that remain."""
+        for slot in self.freed:
+            self.freed[slot] += 1
+        for slot in slots:
+            self.slots[slot] = None
+            self.freed[slot] = 0
+            self.next_pos[slot] = 0  # a free slot still goes through the forward: at a valid position
+        if not self.live:
+            self.clear()
+            return tokens[:0]
+        if not self.freed:
+            return tokens
+        running = np.asarray([slot for slot, row in enumerate(self.slots) if row is not None])
+        unread = int(self.mask[running].any(axis=0).argmax())
+        if (
+            len(self.freed) >= self.live
+            or max(self.freed.values()) >= self.FREE_STEPS
+            or unread * 4 >= self.mask.shape[1]
+        ):
+            self._compact()
+            return tokens[running]
+        return tokens
+
+    def _compact(self) -> None:
+        """Drop the free slots and cut the leading cache columns no running row reads."""
+        index = np.asarray([slot for slot, row in enumerate(self.slots) if row is not None], dtype=np.int64)
         mask = self.mask[index]
-        cut = int(mask.any(axis=0).argmax()) if len(rows) else 0
+        cut = int(mask.any(axis=0).argmax())
+        self.slots = [self.slots[slot] for slot in index.tolist()]
+        self.freed = {}
         self.mask = np.ascontiguousarray(mask[:, cut:])
         self.past = [
             (np.ascontiguousarray(k[index, :, cut:]), np.ascontiguousarray(v[index, :, cut:]))
@@ -330,11 +426,13 @@ class _Batch:
         self.logits, self.next_pos = self.logits[index], self.next_pos[index]
 
     def advance(self, tokens: np.ndarray) -> None:
-        """Feed each row its new token: the logits of the next step."""
-        self.mask = np.concatenate((self.mask, np.ones((len(self.rows), 1), dtype=np.int64)), axis=1)
+        """Feed each slot its new token (a free one the pad token): the logits of the next step."""
+        self.mask = np.concatenate((self.mask, np.ones((len(self.slots), 1), dtype=np.int64)), axis=1)
         logits, self.past = self.engine.forward(tokens[:, None], self.next_pos, self.mask, self.past)
         self.logits = logits[:, -1]
         self.next_pos = self.next_pos + 1
+        for slot in self.freed:
+            self.next_pos[slot] = 0
 
 
 def _right_aligned(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
@@ -349,6 +447,12 @@ def _right_aligned(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
         where[axis] = slice(width - part.shape[axis], width)
         out[tuple(where)] = part
     return out
+
+
+def _put_events(events: list[tuple[Ticket, tuple]]) -> None:
+    """On the event loop: give each request its events, in the order the worker posted them."""
+    for ticket, event in events:
+        ticket._events.put_nowait(event)
 
 
 def _completion(seq: _Sequence) -> Completion:
