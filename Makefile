@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
+.PHONY: setup train exp compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -103,7 +103,7 @@ compare-encoder: setup  ## fine-tune the encoder with every encoder.method (and 
 	$(BIN)/python -m lmpipe.encoder.compare metrics/encoder-compare
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src pipelines tests bench
+	$(BIN)/ruff check src pipelines tests bench scripts
 
 params: setup  ## regenerate params.yaml from conf/ (what DVC tracks); e.g. make params OVERRIDES="experiment=smoke"
 	$(BIN)/lmpipe params $(OVERRIDES)
@@ -112,6 +112,15 @@ PORT ?= 5000
 ui: setup  ## open the MLflow UI on http://127.0.0.1:$(PORT) (prints the runs table's address; PORT=5001 picks another port)
 	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:$(PORT) | sed 's/^/open /'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT) --workers 1
+
+SERVER_DIR ?= .mlflow-server
+SERVER_PORT ?= 5000
+SERVER_PG_PORT ?= 5433
+server: setup  ## start a shared MLflow: PostgreSQL (its cluster in SERVER_DIR=.mlflow-server, on port SERVER_PG_PORT) and mlflow server on http://127.0.0.1:$(SERVER_PORT); prints the MLFLOW_TRACKING_URI to export
+	@$(BIN)/python scripts/mlflow_server.py start --dir $(SERVER_DIR) --port $(SERVER_PORT) --pg-port $(SERVER_PG_PORT)
+
+server-stop:  ## stop what make server started, by PID (the database and artifacts stay in SERVER_DIR)
+	@$(BIN)/python scripts/mlflow_server.py stop --dir $(SERVER_DIR)
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference, serve: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --repeats 2 --steps 40 --out bench/results/train_throughput.json

@@ -20,6 +20,8 @@ SKIP = {
     "dvc exp run": "trains the whole pipeline again; the end-to-end test runs `dvc exp run -S experiment=smoke ...`",
     "lmpipe serve": "a server that runs until stopped (tests/test_serve*.py cover it)",
     "curl ": "talks to the server above",
+    "make server": "starts PostgreSQL and mlflow server until stopped; tests/test_team_e2e.py starts the same stack "
+    "(scripts/mlflow_server.py) in a temporary folder",
     "OpenAI(base_url=": "a client of the server above (tests/test_serve_openai_client.py makes the same calls)",
 }
 

@@ -17,30 +17,11 @@ from browser import serve_cdn_scripts
 from live_server import mlflow_ui
 from playwright.sync_api import expect
 from readme_commands import readme_commands
-from workspace import run, workspace_copy
+from smoke_repo import STAGES, fill_pipeline_run, ran_stages, smoke_repo
+from workspace import run
 
 from lmpipe import tracking
 
-STAGES = (
-    "prepare",
-    "tokenize",
-    "instructions",
-    "pretrain",
-    "sft",
-    "encoder_mlm",
-    "encoder_finetune",
-    "encoder_distill",
-    "distill",
-    "preferences",
-    "reward",
-    "dpo",
-    "rl",
-    "export",
-    "quantize",
-    "evaluate",
-    "register",
-    "infer",
-)
 AFTER_PRETRAIN = set(STAGES[STAGES.index("pretrain") :])
 REPRO_ID = "e2e-repro"
 """The pipeline id of the smoke run's `dvc repro` (what `make train` sets as LMPIPE_PIPELINE_ID)."""
@@ -55,23 +36,10 @@ def dvc_status(path: Path, env: dict) -> dict:
     return json.loads(proc.stdout)
 
 
-def ran_stages(output: str) -> set[str]:
-    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
-
-
-def fill_pipeline_run(pid: str, path: Path, env: dict) -> str:
-    """`python -m lmpipe.pipeline_run --id <pid>`, as `make train` and `make exp` run it after the pipeline."""
-    return run([sys.executable, "-m", "lmpipe.pipeline_run", "--id", pid], path, env)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """A git repo holding this working tree's files (tracked and new, not ignored) with smoke params."""
-    repo, env = workspace_copy(tmp_path_factory.mktemp("e2e") / "lmpipe")
-    run(["lmpipe", "params", "experiment=smoke"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "smoke"], repo, env)
-    return repo, env
+    return smoke_repo(tmp_path_factory.mktemp("e2e"))
 
 
 def test_repro_runs_every_stage_and_writes_metrics(repo):
