@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from browser import serve_cdn_scripts
 from live_server import mlflow_ui
 from playwright.sync_api import expect
 from readme_commands import readme_commands
+from worktree_copy import copy_worktree
 
 from lmpipe import tracking
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "prepare",
     "tokenize",
@@ -75,14 +74,7 @@ def fill_pipeline_run(pid: str, path: Path, env: dict) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """A git repo holding this working tree's files (tracked and new, not ignored) with smoke params."""
-    repo = tmp_path_factory.mktemp("e2e") / "lmpipe"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    repo = copy_worktree(tmp_path_factory.mktemp("e2e") / "lmpipe")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

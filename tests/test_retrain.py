@@ -1,0 +1,158 @@
+"""scripts/retrain.py (`make retrain`): a DVC remote that cannot be used stops the job in one line, before
+anything runs or is pushed, on a real copy of this repository with real DVC remotes (an HTTP one on loopback
+that serves reads only, a closed port). The whole job, against a server, runs in tests/test_team_e2e.py."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import retrain
+from worktree_copy import copy_worktree
+
+
+def copy_repo(dest: Path) -> Path:
+    """A git repository holding this working tree's files, committed."""
+    copy_worktree(dest)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True, env=git_env())
+    return dest
+
+
+def git_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_"))}
+    return env | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("retrain") / "lmpipe")
+
+
+def run_retrain(project: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/retrain.py", "--summary", "summary.md"],
+        cwd=project,
+        env=git_env() | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_stopped_before_anything(project: Path, proc: subprocess.CompletedProcess) -> str:
+    """The job failed with one line on stderr, and pulled, ran, pushed and summarised nothing."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("retrain: "), proc.stderr
+    assert not (project / "summary.md").exists()
+    assert not (project / "data").exists() and not (project / "models").exists()
+    assert "Running stage" not in proc.stdout
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_remote_is_one_line_naming_what_to_set(project):
+    line = assert_stopped_before_anything(project, run_retrain(project))
+    assert "no DVC remote" in line and "DVC_REMOTE_URL" in line and "dvc remote add -d" in line
+
+
+def test_an_unreachable_remote_stops_before_anything_runs(project):
+    url = f"http://127.0.0.1:{free_port()}/lmpipe"  # nothing listens there
+    line = assert_stopped_before_anything(project, run_retrain(project, DVC_REMOTE_URL=url))
+    assert url in line and "cannot be written" in line and "nothing was run or pushed" in line
+    # The remote was added to .dvc/config.local only: the committed .dvc/config is unchanged.
+    assert (
+        subprocess.run(
+            ["git", "status", "--porcelain", ".dvc"], cwd=project, capture_output=True, text=True
+        ).stdout
+        == ""
+    )
+
+
+class ReadOnly(http.server.SimpleHTTPRequestHandler):
+    """Serves files (DVC's HTTP remote reads with GET) and refuses uploads, as a read-only bucket does."""
+
+    def do_POST(self):
+        self.send_error(403, "read-only")
+
+    do_PUT = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_read_only_remote_stops_before_anything_runs(project, tmp_path):
+    handler = lambda *a, **kw: ReadOnly(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/lmpipe"
+        line = assert_stopped_before_anything(project, run_retrain(project, DVC_REMOTE_URL=url))
+    finally:
+        server.shutdown()
+    assert url in line and "403" in line and "writable" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_registry_line_states_the_gate_decision(tmp_path):
+    record = {
+        "model_name": "lmpipe",
+        "aliases": {"candidate": "8", "champion": "2"},
+        "decision": {
+            "candidate": {"variant": "teacher-int8", "version": "8"},
+            "promoted": False,
+            "reason": "tasks.book.f1_macro 0.05 of v8 does not beat champion v2's 0.07: champion stays",
+        },
+    }
+    (tmp_path / "register.json").write_text(json.dumps(record))
+    line = retrain.registry_line(tmp_path / "register.json")
+    assert line.startswith("**Model registry:** `lmpipe` candidate v8 (teacher-int8): not promoted.")
+    assert "champion stays" in line and "`candidate` v8, `champion` v2" in line
+    assert "has not run" in retrain.registry_line(tmp_path / "absent.json")
+
+
+def test_summary_never_claims_a_push_that_failed():
+    outcome = retrain.Outcome("p1", "storage", "HEAD", stages_run=["register"])
+    outcome.failures.append("dvc push to 'storage' failed: 403")
+    text = retrain.summary(outcome, "**Model registry:** x", "(no metrics changed against HEAD)", "| table |")
+    assert "**Status:** **FAILED**: dvc push to 'storage' failed: 403." in text
+    assert "**not pushed**" in text and "pushed; every output" not in text
+    assert "**Stages run:** register." in text
+    outcome.failures.clear()
+    outcome.pushed = True
+    assert "pushed; every output is on the remote" in retrain.summary(outcome, "", "", "")
+
+
+@pytest.mark.parametrize(
+    ("output", "line"),
+    [
+        (
+            "a\nERROR: failed to transfer 'x' - 403\nERROR: failed to push data to the cloud - 2 files\n",
+            "failed to push data to the cloud - 2 files",
+        ),
+        ("Running stage 'a':\nboom\n\n", "boom"),
+        ("", "no output"),
+    ],
+)
+def test_one_line_takes_dvcs_last_error(output, line):
+    assert retrain.one_line(output) == line
