@@ -20,6 +20,10 @@ SKIP = {
     "dvc exp run": "trains the whole pipeline again; the end-to-end test runs `dvc exp run -S experiment=smoke ...`",
     "lmpipe serve": "a server that runs until stopped (tests/test_serve*.py cover it)",
     "curl ": "talks to the server above",
+    "make retrain": (
+        "the retraining job against a team's remote and server; tests/test_team_e2e.py runs its script on a"
+        " clone of the smoke run against a folder remote and the PostgreSQL-backed server"
+    ),
     "OpenAI(base_url=": "a client of the server above (tests/test_serve_openai_client.py makes the same calls)",
 }
 

@@ -4,17 +4,16 @@ that serves reads only, a closed port). The whole job, against a server, runs in
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import retrain
+from http_remote import refusing_remote
 from worktree_copy import copy_worktree
 
 
@@ -89,27 +88,10 @@ def test_an_unreachable_remote_stops_before_anything_runs(project):
     )
 
 
-class ReadOnly(http.server.SimpleHTTPRequestHandler):
-    """Serves files (DVC's HTTP remote reads with GET) and refuses uploads, as a read-only bucket does."""
-
-    def do_POST(self):
-        self.send_error(403, "read-only")
-
-    do_PUT = do_POST
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_read_only_remote_stops_before_anything_runs(project, tmp_path):
-    handler = lambda *a, **kw: ReadOnly(*a, directory=str(tmp_path), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/lmpipe"
+    with refusing_remote(tmp_path) as base:
+        url = f"{base}/lmpipe"
         line = assert_stopped_before_anything(project, run_retrain(project, DVC_REMOTE_URL=url))
-    finally:
-        server.shutdown()
     assert url in line and "403" in line and "writable" in line
     assert not any(tmp_path.iterdir())
 
