@@ -44,12 +44,11 @@ def chromium_executable() -> str:
     missing("no chromium binary on PATH (apt-get install chromium, or set LMPIPE_CHROMIUM)")
 
 
-def missing(message: str) -> None:
-    """A browser test cannot run here: skip it, or fail it under CI, where a skip would hide a broken install."""
+def missing(message: str, tests: str = "the browser tests") -> None:
+    """A browser test (or another of `tests` that needs a system program) cannot run here: skip it, or fail it
+    under CI, where a skip would hide a broken install."""
     if os.environ.get("CI"):
-        pytest.fail(
-            f"{message}: CI must run the browser tests (.ci/run installs what they need)", pytrace=False
-        )
+        pytest.fail(f"{message}: CI must run {tests} (.ci/run installs what they need)", pytrace=False)
     pytest.skip(message)
 
 

@@ -177,3 +177,13 @@ def chromium_page(chromium_browser):
         yield context.new_page()
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory):
+    """PostgreSQL and `mlflow server` on it with proxied artifacts, for one test module (tests/team_stack.py:
+    skips without a PostgreSQL server binary, fails under CI); stopped by PID at the module's end."""
+    from team_stack import team_stack
+
+    with team_stack(tmp_path_factory.mktemp("team-server") / "artifacts") as server:
+        yield server
