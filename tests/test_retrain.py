@@ -5,7 +5,6 @@ that serves reads only, a closed port). The whole job, against a server, runs in
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import retrain
 from http_remote import refusing_remote
-from worktree_copy import copy_worktree
+from worktree_copy import copy_worktree, git_env
 
 
 def copy_repo(dest: Path) -> Path:
@@ -23,18 +22,6 @@ def copy_repo(dest: Path) -> Path:
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True, env=git_env())
     return dest
-
-
-def git_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_"))}
-    return env | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.invalid",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.invalid",
-    }
 
 
 @pytest.fixture(scope="module")
