@@ -80,12 +80,17 @@ compare-replay: setup  ## fine-tune SFT with each sft.replay of REPLAYS (0 is th
 	  $(foreach r,$(REPLAYS),$(r)=models/sft-replay$(r))
 
 ENCODER_METHODS := full head lora
-compare-encoder: setup  ## fine-tune the encoder with every encoder.method and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py
-	for m in $(ENCODER_METHODS); do \
+# ENCODER_STEPS="1000 2000" adds a learning curve: each method trained again for each step budget (its own warm-up
+# and decay), in folders <method>-<steps>steps; empty = the configured encoder.max_steps only.
+ENCODER_STEPS ?=
+compare-encoder: setup  ## fine-tune the encoder with every encoder.method (and each of ENCODER_STEPS) and compare them (metrics/encoder-compare/compare.md); OVERRIDES go to encoder_finetune.py
+	for m in $(ENCODER_METHODS); do for s in $(or $(ENCODER_STEPS),config); do \
+	  name=$$m$$([ $$s = config ] || echo -$${s}steps); \
 	  $(BIN)/python pipelines/encoder_finetune.py encoder.method=$$m encoder.also_scratch=false \
-	    paths.encoder=models/encoder-$$m paths.checkpoints=checkpoints/encoder-$$m \
-	    paths.metrics=metrics/encoder-compare/$$m paths.plots=plots/encoder-compare/$$m $(OVERRIDES) || exit 1; \
-	done
+	    $$([ $$s = config ] || echo encoder.max_steps=$$s) \
+	    paths.encoder=models/encoder-$$name paths.checkpoints=checkpoints/encoder-$$name \
+	    paths.metrics=metrics/encoder-compare/$$name paths.plots=plots/encoder-compare/$$name $(OVERRIDES) || exit 1; \
+	done; done
 	$(BIN)/python -m lmpipe.encoder.compare metrics/encoder-compare
 
 lint: setup  ## ruff
