@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp retrain compare test test-fast compare-sft compare-replay compare-encoder lint params ui bench lock clean help
+.PHONY: setup train exp retrain compare test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -103,6 +103,15 @@ PORT ?= 5000
 ui: setup  ## open the MLflow UI on http://127.0.0.1:$(PORT) (prints the runs table's address; PORT=5001 picks another port)
 	@set -o pipefail; $(BIN)/python -m lmpipe.pipeline_run --url http://127.0.0.1:$(PORT) | sed 's/^/open /'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT) --workers 1
+
+SERVER_DIR ?= .mlflow-server
+SERVER_PORT ?= 5000
+SERVER_PG_PORT ?= 5433
+server: setup  ## start a shared MLflow: PostgreSQL (its cluster in SERVER_DIR=.mlflow-server, on port SERVER_PG_PORT) and mlflow server on http://127.0.0.1:$(SERVER_PORT); prints the MLFLOW_TRACKING_URI to export
+	@$(BIN)/python scripts/mlflow_server.py start --dir $(SERVER_DIR) --port $(SERVER_PORT) --pg-port $(SERVER_PG_PORT)
+
+server-stop:  ## stop what make server started, by PID (the database and artifacts stay in SERVER_DIR)
+	@$(BIN)/python scripts/mlflow_server.py stop --dir $(SERVER_DIR)
 
 bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (inference: random weights until trained)
 	$(BIN)/python bench/train_throughput.py --repeats 2 --steps 40 --out bench/results/train_throughput.json

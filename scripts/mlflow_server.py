@@ -76,6 +76,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def require_free(port: int, option: str) -> None:
+    """A one-line StackError when something already listens on 127.0.0.1:`port` (a server there would answer
+    our health checks in place of the one we start)."""
+    import socket
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise StackError(f"port {port} on 127.0.0.1 is taken: pick another with {option}")
+
+
 def _run(command: list[str], what: str, timeout: float = 120) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -252,6 +262,8 @@ def start(folder: Path, port: int, pg_port: int) -> State:
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise StackError(f"no PostgreSQL server found: apt-get install postgresql, or set {PG_BIN_ENV}")
+    require_free(port, "--port (make server SERVER_PORT=...)")
+    require_free(pg_port, "--pg-port (make server SERVER_PG_PORT=...)")
     folder.mkdir(parents=True, exist_ok=True)
     logs = folder / "logs"
     logs.mkdir(exist_ok=True)

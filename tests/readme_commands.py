@@ -20,6 +20,8 @@ SKIP = {
     "dvc exp run": "trains the whole pipeline again; the end-to-end test runs `dvc exp run -S experiment=smoke ...`",
     "lmpipe serve": "a server that runs until stopped (tests/test_serve*.py cover it)",
     "curl ": "talks to the server above",
+    "make server": "starts PostgreSQL and mlflow server until stopped; tests/test_team_e2e.py starts the same stack "
+    "(scripts/mlflow_server.py) in a temporary folder",
     "make retrain": (
         "the retraining job against a team's remote and server; tests/test_team_e2e.py runs its script on a"
         " clone of the smoke run against a folder remote and the PostgreSQL-backed server"

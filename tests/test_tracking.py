@@ -220,7 +220,9 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it(monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.perf_counter()
-    with pytest.raises(LmpipeError, match=rf"^tracking server {uri} cannot be reached \(.*\): start it") as err:
+    with pytest.raises(
+        LmpipeError, match=rf"^tracking server {uri} cannot be reached \(.*\): start it"
+    ) as err:
         tracking.experiment_id(tracking.TrackingConfig())
     assert "\n" not in str(err.value) and time.perf_counter() - started < 10
 
@@ -246,3 +248,55 @@ def test_any_http_answer_counts_as_a_reachable_server(status):
         server.shutdown()
         server.server_close()
     tracking.check_server("sqlite:///never/opened.db")  # embedded stores are not probed
+
+
+def test_a_lost_server_is_one_line_saying_what_to_do_and_mlflow_gives_up_on_it(monkeypatch):
+    for name in tracking.GIVE_UP:
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    lost = tracking.server_lost(uri, "pretrain")
+    assert str(lost).startswith(f"tracking server {uri} stopped answering during stage pretrain (")
+    assert "checkpoints are kept" in str(lost) and "re-run" in str(lost) and "\n" not in str(lost)
+    assert all(os.environ[name] == value for name, value in tracking.GIVE_UP.items())
+    assert tracking.server_lost("sqlite:///never/opened.db", "pretrain") is None  # no server to lose
+
+
+def test_a_stage_whose_server_went_away_fails_with_that_line(in_store, monkeypatch):
+    """The stage body fails (as MLflow's logging does when its server is gone) and the server no longer
+    answers: stage_run raises the one line instead, and asks the lost server nothing more."""
+    from lmpipe.errors import LmpipeError
+
+    monkeypatch.setenv(tracking.PIPELINE_ID_ENV, "pipe-lost")
+    uri = f"http://127.0.0.1:{free_port()}"
+    asked = []
+    monkeypatch.setattr(tracking, "server_lost", lambda u, stage: asked.append(u) or LmpipeError("lost"))
+    monkeypatch.setattr(tracking, "close_pipeline_run", lambda *a: pytest.fail("asked the lost server"))
+    cfg = make_cfg(in_store)
+    with pytest.raises(LmpipeError, match="^lost$"), tracking.stage_run("pretrain", cfg, SECTIONS) as run:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where the stage's logging went, as far as it knows
+        raise ConnectionError("log_batch failed")
+    assert asked == [uri]
+    # The store itself was still there (mocked loss): the run was ended as FAILED on the way out.
+    assert client(in_store).get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_a_rerun_marks_the_stage_runs_its_dead_predecessors_left_running_failed(in_store, monkeypatch):
+    first = run_stage(in_store, "sft", monkeypatch, pid="pipe-rerun")
+    client(in_store).update_run(first.info.run_id, status="RUNNING")  # its process died without ending it
+    other = run_stage(in_store, "pretrain", monkeypatch, pid="pipe-rerun")
+    client(in_store).update_run(other.info.run_id, status="RUNNING")
+    second = run_stage(in_store, "sft", monkeypatch, pid="pipe-rerun")
+    assert client(in_store).get_run(first.info.run_id).info.status == "FAILED"
+    assert client(in_store).get_run(other.info.run_id).info.status == "RUNNING"  # another stage: not ours
+    assert second.info.status == "FINISHED"
+
+
+def test_the_lightning_logger_leaves_the_stage_run_to_the_stage(in_store, monkeypatch):
+    monkeypatch.setenv(tracking.PIPELINE_ID_ENV, "pipe-logger")
+    cfg = make_cfg(in_store)
+    with tracking.stage_run("pretrain", cfg, SECTIONS) as run:
+        logger = tracking.lightning_logger(run, cfg)
+        logger.log_metrics({"train_loss": 1.5}, step=1)
+        logger.finalize("failed")  # what Lightning does when fit fails
+        assert client(in_store).get_run(run.info.run_id).info.status == "RUNNING"
+    assert client(in_store).get_run(run.info.run_id).data.metrics["train_loss"] == 1.5

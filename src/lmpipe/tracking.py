@@ -12,7 +12,9 @@ it FAILED while the latest run of some stage failed. Its params and headline met
 training experiment (`EXPERIMENT_KIND`).
 
 The default store is embedded: `sqlite:///mlruns.db` with artifacts under `mlartifacts/`. The environment
-variable `MLFLOW_TRACKING_URI` points every stage at a real server instead.
+variable `MLFLOW_TRACKING_URI` points every stage at a real server instead. A server that does not answer fails
+a stage in one line: at its start (`check_server`), or on the way (`server_lost`: MLflow's HTTP retries are
+bounded by HTTP_LIMITS so that this comes within seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ from lmpipe.formats import DEFAULT_TRACKING_URI
 
 if not sys.stderr.isatty():  # MLflow's per-file download bars would flood CI and DVC logs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+"""How long MLflow's HTTP client insists on a tracking server (a user's own environment wins). Its defaults, 7
+retries with backoff factor 2 and 120 s per answer, keep a stage whose server went away waiting 4 minutes or
+more per request; with these a stopped server fails a request within about 10 s, a silent one within about
+2 minutes."""
+for _name, _value in HTTP_LIMITS.items():
+    os.environ.setdefault(_name, _value)
+GIVE_UP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+"""Once the server is known to be gone: the calls that still follow (ending the stage's run) fail at once."""
 
 if TYPE_CHECKING:
     import mlflow
@@ -105,24 +121,47 @@ def dvc_exp_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
-def check_server(uri: str, timeout: float = 10.0) -> None:
-    """For an http(s) tracking URI, fail in one line within `timeout` seconds when no server answers there: MLflow's
-    own client retries for minutes and then ends in a long traceback. Any HTTP answer counts as reachable."""
+def unreachable(uri: str, timeout: float = 10.0) -> str | None:
+    """For an http(s) tracking URI, why no server answers there within `timeout` seconds (any HTTP answer
+    counts as one); None when one does, or for an embedded store."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     import urllib.error
     import urllib.request
 
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:  # a server (or a proxy in front of one) answered
-        return
+        return None
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in one line within `timeout` seconds when no server answers at an http(s) tracking URI: MLflow's own
+    client retries for minutes and then ends in a long traceback."""
+    reason = unreachable(uri, timeout)
+    if reason is not None:
         raise LmpipeError(
             f"tracking server {uri} cannot be reached ({reason}): start it, or point MLFLOW_TRACKING_URI "
             "(or logger.tracking_uri) at a server that runs"
-        ) from None
+        )
+
+
+def server_lost(uri: str, stage: str) -> LmpipeError | None:
+    """After stage `stage` failed: for an http(s) tracking URI that no longer answers, the one-line error that
+    says so and what to do (the cause of the failure, or a consequence the user must fix first), after which
+    MLflow's remaining calls in this process give up at once (GIVE_UP); else None."""
+    reason = unreachable(uri, timeout=5)
+    if reason is None:
+        return None
+    os.environ.update(GIVE_UP)
+    return LmpipeError(
+        f"tracking server {uri} stopped answering during stage {stage} ({reason}): its outputs were not "
+        "written and its checkpoints are kept; start the server again (or point MLFLOW_TRACKING_URI at one "
+        "that runs) and re-run it: training resumes from the last checkpoint"
+    )
 
 
 def experiment_id(cfg: TrackingConfig) -> str:
@@ -187,6 +226,17 @@ def stage_runs(client, experiment_id: str, pid: str) -> list:
     )
 
 
+def end_stale_runs(experiment_id: str, pid: str, stage: str) -> None:
+    """Mark FAILED the runs of this stage in this pipeline still RUNNING: their process died without ending them
+    (killed, or its tracking server went away), and a re-run takes over."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for run in stage_runs(client, experiment_id, pid):
+        if run.data.tags.get(TAG_STAGE) == stage and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
 def close_pipeline_run(client, parent_id: str, children: Sequence, failed: bool = False) -> str:
     """End the parent run where its latest stage ended, FAILED if `failed` or the latest run of some stage
     failed (a stage re-run that succeeded clears its earlier failure); returns the status."""
@@ -212,6 +262,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: Sequence[str]) -> Iterator[
     pid = pipeline_id()
     commit, dirty = git_commit()
     parent = parent_run(experiment, pid, commit)
+    end_stale_runs(experiment, pid, stage)
     tags = {
         TAG_KIND: "stage",
         TAG_STAGE: stage,
@@ -223,14 +274,25 @@ def stage_run(stage: str, cfg: DictConfig, sections: Sequence[str]) -> Iterator[
     }
     if dvc_exp_name():
         tags[TAG_DVC_EXP] = dvc_exp_name()
+    lost = None
     try:
         with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
-            params = config.flatten({name: loggable(cfg[name]) for name in sections})
-            mlflow.log_params({k: short(v) for k, v in params.items()})
-            yield run
+            try:
+                params = config.flatten({name: loggable(cfg[name]) for name in sections})
+                mlflow.log_params({k: short(v) for k, v in params.items()})
+                yield run
+            except BaseException:
+                # Asked before the run is ended as FAILED: that call would wait on the lost server again.
+                lost = server_lost(tracking.resolved_uri, stage)
+                raise
+    except BaseException as exc:
+        if lost is not None and not isinstance(exc, KeyboardInterrupt):
+            raise lost from None  # MLflow's traceback (or the end_run that failed after it) says no more
+        raise
     finally:  # the stage's run has its final status here, failed or not
-        client = mlflow.MlflowClient()
-        close_pipeline_run(client, parent, stage_runs(client, experiment, pid))
+        if lost is None:
+            client = mlflow.MlflowClient()
+            close_pipeline_run(client, parent, stage_runs(client, experiment, pid))
 
 
 def loggable(section: Any) -> Any:
@@ -253,8 +315,16 @@ def lightning_logger(run: mlflow.ActiveRun | None, cfg: DictConfig):
     """A Lightning MLFlowLogger writing into the stage's open run (Lightning only logs from rank zero)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
+    class StageRunLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            """Nothing for the stage's run: `stage_run` owns it and ends it with the stage. Lightning's own
+            finalize would mark it FINISHED while the stage still writes to it, and after a failure ask a lost
+            server twice more."""
+            if run is None:
+                super().finalize(status)
+
     tracking: TrackingConfig = config.build(cfg.logger)
-    return MLFlowLogger(
+    return StageRunLogger(
         experiment_name=tracking.experiment_name,
         tracking_uri=tracking.resolved_uri,
         run_id=run.info.run_id if run is not None else None,
