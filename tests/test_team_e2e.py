@@ -51,7 +51,8 @@ def test_server_keeps_runs_in_postgres_and_artifacts_in_its_folder(team_server, 
     assert client.get_model_version_by_alias("stack-check-model", "champion").version == "1"
 
 
-# --- provisional: the smoke run against the team server (team-server's shared fixture replaces it) -----------
+# --- The smoke run against the team server, once for the module. Provisional: team-server's shared smoke_run
+# fixture (tests/smoke_repo.py) replaces this section when it lands; the tests below use only .path, .env, .server.
 
 STAGES = (
     "prepare",
