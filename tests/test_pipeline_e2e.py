@@ -17,30 +17,10 @@ from browser import serve_cdn_scripts
 from live_server import mlflow_ui
 from playwright.sync_api import expect
 from readme_commands import readme_commands
-from worktree_copy import copy_worktree
+from smoke_repo import STAGES, fill_pipeline_run, ran_stages, run, smoke_repo
 
 from lmpipe import tracking
 
-STAGES = (
-    "prepare",
-    "tokenize",
-    "instructions",
-    "pretrain",
-    "sft",
-    "encoder_mlm",
-    "encoder_finetune",
-    "encoder_distill",
-    "distill",
-    "preferences",
-    "reward",
-    "dpo",
-    "rl",
-    "export",
-    "quantize",
-    "evaluate",
-    "register",
-    "infer",
-)
 AFTER_PRETRAIN = set(STAGES[STAGES.index("pretrain") :])
 REPRO_ID = "e2e-repro"
 """The pipeline id of the smoke run's `dvc repro` (what `make train` sets as LMPIPE_PIPELINE_ID)."""
@@ -49,46 +29,16 @@ EXP_NAME = "e2e-lr2"
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-4000:]}"
-    return output
-
-
 def dvc_status(path: Path, env: dict) -> dict:
     proc = subprocess.run(["dvc", "status", "--json"], cwd=path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
 
-def ran_stages(output: str) -> set[str]:
-    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
-
-
-def fill_pipeline_run(pid: str, path: Path, env: dict) -> str:
-    """`python -m lmpipe.pipeline_run --id <pid>`, as `make train` and `make exp` run it after the pipeline."""
-    return run([sys.executable, "-m", "lmpipe.pipeline_run", "--id", pid], path, env)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
     """A git repo holding this working tree's files (tracked and new, not ignored) with smoke params."""
-    repo = copy_worktree(tmp_path_factory.mktemp("e2e") / "lmpipe")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_", "DVC_EXP"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="e2e",
-        GIT_AUTHOR_EMAIL="e2e@example.invalid",
-        GIT_COMMITTER_NAME="e2e",
-        GIT_COMMITTER_EMAIL="e2e@example.invalid",
-    )
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["lmpipe", "params", "experiment=smoke"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "smoke"], repo, env)
-    return repo, env
+    return smoke_repo(tmp_path_factory.mktemp("e2e"))
 
 
 def test_repro_runs_every_stage_and_writes_metrics(repo):

@@ -13,40 +13,36 @@ from pathlib import Path
 import pytest
 import retrain
 from http_remote import refusing_remote
-from worktree_copy import copy_worktree, git_env
-
-
-def copy_repo(dest: Path) -> Path:
-    """A git repository holding this working tree's files, committed."""
-    copy_worktree(dest)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True, env=git_env())
-    return dest
+from smoke_repo import smoke_repo
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return copy_repo(tmp_path_factory.mktemp("retrain") / "lmpipe")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """A committed copy of this repository (smoke params; nothing run) and the environment to run in it."""
+    path, env = smoke_repo(tmp_path_factory.mktemp("retrain"))
+    return path, {k: v for k, v in env.items() if not k.startswith("DVC_REMOTE")}
 
 
-def run_retrain(project: Path, **env) -> subprocess.CompletedProcess:
+def run_retrain(project: tuple[Path, dict], **env) -> subprocess.CompletedProcess:
+    path, base = project
     return subprocess.run(
         [sys.executable, "scripts/retrain.py", "--summary", "summary.md"],
-        cwd=project,
-        env=git_env() | env,
+        cwd=path,
+        env=base | env,
         capture_output=True,
         text=True,
         timeout=300,
     )
 
 
-def assert_stopped_before_anything(project: Path, proc: subprocess.CompletedProcess) -> str:
+def assert_stopped_before_anything(project: tuple[Path, dict], proc: subprocess.CompletedProcess) -> str:
     """The job failed with one line on stderr, and pulled, ran, pushed and summarised nothing."""
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("retrain: "), proc.stderr
-    assert not (project / "summary.md").exists()
-    assert not (project / "data").exists() and not (project / "models").exists()
+    path = project[0]
+    assert not (path / "summary.md").exists()
+    assert not (path / "data").exists() and not (path / "models").exists()
     assert "Running stage" not in proc.stdout
     return lines[0]
 
@@ -69,7 +65,7 @@ def test_an_unreachable_remote_stops_before_anything_runs(project):
     # The remote was added to .dvc/config.local only: the committed .dvc/config is unchanged.
     assert (
         subprocess.run(
-            ["git", "status", "--porcelain", ".dvc"], cwd=project, capture_output=True, text=True
+            ["git", "status", "--porcelain", ".dvc"], cwd=project[0], capture_output=True, text=True
         ).stdout
         == ""
     )
