@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
+.PHONY: setup train exp retrain compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -43,6 +43,10 @@ exp: setup  ## dvc exp run with ARGS (e.g. ARGS="-S optimizer.lr=0.002"; EXP nam
 	LMPIPE_PIPELINE_ID=$$name $(BIN)/dvc exp run -n $$name $(ARGS); rc=$$?; \
 	DVC_EXP_NAME=$$name $(BIN)/python -m lmpipe.pipeline_run --id $$name $$([ $$rc = 0 ] || echo --failed); prc=$$?; \
 	exit $$([ $$rc != 0 ] && echo $$rc || echo $$prc)
+
+# scripts/retrain.py is also what .github/workflows/retrain.yml runs: the job is the same on any machine.
+retrain: setup  ## the retraining job: dvc pull from the remote (DVC_REMOTE_URL or the default), repro, push; retrain-summary.md
+	$(BIN)/python scripts/retrain.py $(ARGS)
 
 compare: setup  ## this commit's DVC experiments side by side (changed params, headline metrics); plots/compare/index.html: dvc plots diff of the two newest
 	$(BIN)/python -m lmpipe.exp_compare --plots plots/compare $(ARGS)

@@ -153,6 +153,8 @@ class Stage:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     params: tuple[str, ...]
+    uncached: tuple[str, ...] = ()
+    """The outs marked `cache: false` (git must keep them, or a clone lacks them)."""
 
     @property
     def code_deps(self) -> set[str]:
@@ -180,7 +182,13 @@ def dvc_stages(root: Path = ROOT) -> dict[str, Stage]:
         params_ = tuple(
             p for entry in spec.get("params", []) for p in ([entry] if isinstance(entry, str) else entry)
         )
-        stages[name] = Stage(name, script.path, script.sections, paths(spec.get("deps")), outs, params_)
+        entries = [*(spec.get("outs") or []), *(spec.get("metrics") or []), *(spec.get("plots") or [])]
+        uncached = paths(
+            e for e in entries if isinstance(e, dict) and next(iter(e.values())).get("cache") is False
+        )
+        stages[name] = Stage(
+            name, script.path, script.sections, paths(spec.get("deps")), outs, params_, uncached
+        )
     return stages
 
 

@@ -22,6 +22,10 @@ SKIP = {
     "curl ": "talks to the server above",
     "make server": "starts PostgreSQL and mlflow server until stopped; tests/test_team_e2e.py starts the same stack "
     "(scripts/mlflow_server.py) in a temporary folder",
+    "make retrain": (
+        "the retraining job against a team's remote and server; tests/test_team_e2e.py runs its script on a"
+        " clone of the smoke run against a folder remote and the PostgreSQL-backed server"
+    ),
     "OpenAI(base_url=": "a client of the server above (tests/test_serve_openai_client.py makes the same calls)",
 }
 

@@ -109,3 +109,24 @@ def test_training_curves_are_cached_outputs_with_a_plot_so_each_experiment_keeps
     drawn = " ".join(str(entry) for entry in raw["plots"])
     undrawn = [p for p in plot_outs if p not in drawn]
     assert not undrawn, f"no plot in dvc.yaml draws {undrawn}"
+
+
+def test_a_clone_gets_every_output_from_git_or_the_dvc_remote():
+    # What a clone needs: git and `dvc pull`. An out that is neither cached nor kept by git exists only where it
+    # was made, so a clone's `dvc repro` would run its stage again. Checkpoints are no stage's out for that
+    # reason (dvc.yaml's header says why): resume is keyed on the fingerprint, not on DVC.
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    checkpoints = OmegaConf.load(ROOT / "params.yaml").paths.checkpoints
+    for stage in STAGES.values():
+        assert not any(covers(checkpoints, out) for out in stage.outs), (
+            f"stage {stage.name} outputs checkpoints"
+        )
+    uncached = [out for stage in STAGES.values() for out in stage.uncached]
+    assert "metrics/evaluate.json" in uncached
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *uncached], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert not ignored, f"cache: false outs that git ignores, so a clone lacks them: {ignored}"
