@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ import torch
 from lmpipe import atomic, config
 from lmpipe.chat import tokenizer_config
 from lmpipe.compress import QuantizeConfig, quantize_onnx
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, run_main
 from lmpipe.evaluation.lm import model_nll, perplexity
 from lmpipe.export import ExportConfig, export_onnx
 from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
@@ -652,8 +651,4 @@ def table(r: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LmpipeError as exc:
-        print(f"inference: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("inference", main)

@@ -46,7 +46,7 @@ import numpy as np
 
 from lmpipe import atomic
 from lmpipe.chat import load_chat_template, render
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, run_main
 from lmpipe.formats import ONNX_FILE
 from lmpipe.serve.config import ServeConfig
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -644,8 +644,4 @@ def table(r: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LmpipeError as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("serve", main)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lmpipe import atomic, config
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import LmpipeError, run_main
 from lmpipe.model import GPT
 from lmpipe.training.configs import PerfConfig
 
@@ -561,8 +561,4 @@ def summary(r: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LmpipeError as exc:
-        print(f"train_throughput: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main("train_throughput", main)

@@ -18,3 +18,14 @@ def require_file(path, produced_by: str | None = None):
         hint = f" (run the '{produced_by}' stage first: dvc repro {produced_by})" if produced_by else ""
         raise LmpipeError(f"missing input {p}{hint}")
     return p
+
+
+def run_main(program: str, main) -> None:
+    """Run a command-line `main()`; an LmpipeError ends it with `<program>: error: <message>` and exit status 2."""
+    import sys
+
+    try:
+        main()
+    except LmpipeError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
