@@ -40,7 +40,7 @@ import torch
 from lmpipe import atomic, config
 from lmpipe.chat import tokenizer_config
 from lmpipe.compress import QuantizeConfig, quantize_onnx
-from lmpipe.errors import LmpipeError, run_main
+from lmpipe.errors import LmpipeError, positive_int, run_main
 from lmpipe.evaluation.lm import model_nll, perplexity
 from lmpipe.export import ExportConfig, export_onnx
 from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
@@ -422,13 +422,6 @@ def machine_info(threads: int) -> dict:
         "onnxruntime_version": onnxruntime.__version__,
         "python_version": platform.python_version(),
     }
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

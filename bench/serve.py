@@ -46,7 +46,7 @@ import numpy as np
 
 from lmpipe import atomic
 from lmpipe.chat import load_chat_template, render
-from lmpipe.errors import LmpipeError, run_main
+from lmpipe.errors import LmpipeError, positive_int, run_main
 from lmpipe.formats import ONNX_FILE
 from lmpipe.serve.config import ServeConfig
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -506,13 +506,6 @@ def model_to_serve(args, scratch: Path) -> tuple[Path, dict]:
             f"missing {directory / ONNX_FILE}: run `make train` first, pass --model, or use --random"
         )
     return directory, {"model": args.model, "random": False}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

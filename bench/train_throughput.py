@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lmpipe import atomic, config
-from lmpipe.errors import LmpipeError, run_main
+from lmpipe.errors import LmpipeError, positive_int, run_main
 from lmpipe.model import GPT
 from lmpipe.training.configs import PerfConfig
 
@@ -423,13 +423,6 @@ def machine_info() -> dict:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

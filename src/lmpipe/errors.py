@@ -29,3 +29,13 @@ def run_main(program: str, main) -> None:
     except LmpipeError as exc:
         print(f"{program}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, else argparse's one-line usage error."""
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
