@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lmpipe.errors import LmpipeError
-from lmpipe.inference.sampling import DEFAULTS, GenerationParams, sample_next
+from lmpipe.inference.sampling import DEFAULTS, NUCLEUS_CANDIDATES, GenerationParams, _nucleus, sample_next
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -43,6 +43,33 @@ def test_top_k_restricts_the_support_to_the_k_most_likely(top_k, support):
 def test_top_p_keeps_the_smallest_set_reaching_top_p(top_p, support):
     sample = draws(np.log(PROBS)[None], GenerationParams(temperature=1.0, top_p=top_p), n=3000)[:, 0]
     assert set(sample.tolist()) == support
+
+
+def _nucleus_by_full_sort(probs, top_p):
+    """The nucleus as a plain reading of its definition: rank the whole row (ties by lower id), keep each token
+    whose predecessors' sum is below top_p."""
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    keep = np.cumsum(ranked) - ranked < top_p
+    out = np.zeros_like(probs)
+    out[order[keep]] = probs[order[keep]]
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_the_partial_ranking_keeps_exactly_the_full_sorts_nucleus(temperature, top_p):
+    # Peaked rows stay within the candidates, flat ones (high temperature) need the full ranking; ties at the
+    # candidates' boundary come from rounding the logits.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = np.round(rng.normal(size=4096) * 3, 1) / temperature
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        np.testing.assert_array_equal(_nucleus(probs, top_p), _nucleus_by_full_sort(probs, top_p))
+    short = np.array([0.2, 0.2, 0.3, 0.3])
+    assert len(short) < NUCLEUS_CANDIDATES
+    np.testing.assert_array_equal(_nucleus(short, 0.5), _nucleus_by_full_sort(short, 0.5))
 
 
 def test_top_p_renormalises_within_the_nucleus():
