@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lmpipe import config
 from lmpipe.errors import LmpipeError
-from lmpipe.stage import run_stage, stage_scripts
+from lmpipe.stage import run_stage, stage_scripts, warn_if_bf16_is_emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -268,3 +269,24 @@ def test_run_outside_the_repository_root_returns_2(tmp_path, monkeypatch, capsys
     assert run_stage("demo", SECTIONS, Recorder(), argv=["seed=1"]) == 2
     [line] = stderr_lines(capsys)
     assert line.startswith("demo: error: missing ") and line.endswith("(run from the repository root)")
+
+
+@pytest.mark.parametrize(
+    "flags, accelerator, precision, warned",
+    [
+        ("fpu avx2 fma", "cpu", "bf16-mixed", True),
+        ("fpu avx2 avx512f avx512_bf16", "cpu", "bf16-mixed", False),
+        ("fpu avx2 amx_bf16 amx_tile", "cpu", "bf16-true", False),
+        ("fpu avx2 fma", "cpu", "32-true", False),
+        ("fpu avx2 fma", "gpu", "bf16-mixed", False),
+    ],
+)
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_once_in_one_line(
+    tmp_path, capsys, flags, accelerator, precision, warned
+):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    trainer = OmegaConf.create({"accelerator": accelerator, "precision": precision})
+    assert warn_if_bf16_is_emulated("pretrain", trainer, cpuinfo) is warned
+    err = capsys.readouterr().err
+    assert (err.count("\n") == 1 and "trainer.precision=32-true" in err) if warned else err == ""
