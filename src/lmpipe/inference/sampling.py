@@ -69,7 +69,7 @@ def sample_next(logits: np.ndarray, params: GenerationParams, rng: np.random.Gen
     return np.minimum((cdf <= draw).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
 
 
-NUCLEUS_CANDIDATES = 64
+NUCLEUS_CANDIDATES = 256
 """How many of the most likely tokens `_nucleus` sorts first; only a flat distribution needs the full sort."""
 
 
