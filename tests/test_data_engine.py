@@ -17,6 +17,7 @@ import pytest
 from dask_cluster import (
     ROOT,
     cluster_env,
+    cluster_pids,
     dask_cluster,
     exit_on_negative,
     fail_on_negative,
@@ -138,7 +139,7 @@ def test_an_item_that_kills_every_dask_worker_running_it_is_a_one_line_error_nam
         list(map_ordered(exit_on_negative, [1, 2, 3, -4, 5, 6], **engine_kwargs(name, request)))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("data.engine=dask: item 3 killed every worker that ran it on ")
+    assert message.startswith("data.engine=dask: item 3 was running on every worker that died under it on ")
 
 
 def test_a_dask_worker_killed_mid_map_is_replaced_and_its_items_rerun(cluster):
@@ -152,6 +153,34 @@ def test_a_dask_worker_killed_mid_map_is_replaced_and_its_items_rerun(cluster):
         pids.add(pid)
     assert results == [i * i for i in range(20)]
     assert len(pids) >= 2
+
+
+def test_a_cluster_left_without_workers_is_a_one_line_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "NO_WORKERS_TIMEOUT_S", 3)
+    with dask_cluster(tmp_path) as address:
+        _, workers = cluster_pids(address)
+        with pytest.raises(LmpipeError) as info:
+            for i, _ in enumerate(map_ordered(square_with_pid, range(50), engine="dask", address=address)):
+                if i == 2:
+                    for pid in workers:
+                        os.kill(pid, signal.SIGKILL)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"data.engine=dask: the Dask scheduler at {address} has had no worker for 3 s")
+
+
+def test_a_scheduler_that_dies_mid_map_is_a_one_line_error(tmp_path):
+    with dask_cluster(tmp_path) as address:
+        scheduler, _ = cluster_pids(address)
+        with pytest.raises(LmpipeError) as info:
+            for i, _ in enumerate(map_ordered(square_with_pid, range(50), engine="dask", address=address)):
+                if i == 2:
+                    os.kill(scheduler, signal.SIGKILL)
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.match(
+        rf"data\.engine=dask: (item \d+ was cancelled on|lost) the Dask scheduler at {address}", message
+    )
 
 
 def test_no_scheduler_at_the_address_is_a_one_line_error(monkeypatch):

@@ -128,9 +128,14 @@ def _dask_client(address: str, workers: int):
     from distributed import Client, LocalCluster
 
     if not address:
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+        import dask
+
+        # One task at a time per worker (the default queues more): a worker that dies was then running exactly
+        # one item, the one Dask blames. A team's scheduler is configured where it runs (the same key).
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
         return Client(cluster), cluster
     try:
         return Client(address, timeout=CONNECT_TIMEOUT_S), None
@@ -157,8 +162,9 @@ def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) 
                 pass
             except KilledWorker:
                 raise LmpipeError(
-                    f"data.engine=dask: item {index} killed every worker that ran it on {where} (the worker "
-                    "process died: killed by a signal, out of memory, or exited); see the workers' logs"
+                    f"data.engine=dask: item {index} was running on every worker that died under it on {where}, "
+                    "until Dask gave up on it (allowed-failures; a worker process killed by a signal, out of "
+                    "memory, or exited); see the workers' logs"
                 ) from None
             except CancelledError:
                 raise LmpipeError(
@@ -174,10 +180,10 @@ def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) 
                     f"{index} waited (every worker died or left)"
                 )
 
-    if max_in_flight is None:
-        max_in_flight = 2 * max(workers, sum(client.nthreads().values()) if address else 0)
     pending: deque[tuple[int, Any]] = deque()
     try:
+        if max_in_flight is None:
+            max_in_flight = 2 * max(workers, sum(client.nthreads().values()) if address else 0)
         # pure=False: equal items are still separate tasks (and their bytes are never hashed for a key).
         submit = lambda item: client.submit(fn, item, pure=False)  # noqa: E731
         yield from _ordered(submit, result, items, max_in_flight, pending)
