@@ -5,6 +5,7 @@ Last, the prepare and tokenize stages on that cluster give byte for byte what th
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -244,17 +245,24 @@ CORPUS_LINES = [
 
 
 def stage_reads(script: str) -> tuple[tuple[str, ...], bool]:
-    """A stage script's SECTIONS, and whether the code it runs calls map_ordered (then, told to, it must run
-    something on the cluster)."""
+    """A stage script's SECTIONS, and whether the code it runs uses map_ordered (imports or names it: then,
+    told to, it must run something on the cluster)."""
     from dvc_graph import closure, module_file
 
     from lmpipe.stage import stage_scripts
+
+    def uses(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if "map_ordered" in names or (isinstance(node, ast.Name) and node.id == "map_ordered"):
+                return True
+        return False
 
     found = {s.path.name: s for s in stage_scripts(ROOT / "pipelines").values()}[script]
     code = [found.path] + [
         module_file(m) for m in closure(found.path, found.sections) - {"lmpipe.data.engine"}
     ]
-    return found.sections, any("map_ordered(" in path.read_text(encoding="utf-8") for path in code)
+    return found.sections, any(uses(path) for path in code)
 
 
 def run_stage(workdir: Path, script: str, out: Path, *overrides: str) -> None:
