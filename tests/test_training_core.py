@@ -109,7 +109,8 @@ def test_perf_attention_chooses_the_kernel_of_every_attention_layer():
             True,
             "32-true",
             marks=pytest.mark.xfail(
-                strict=True, reason="torch 2.13: compiled fp32 SDPA runs the flash kernel whatever the backend"
+                strict=True,
+                reason="torch 2.13: compiled fp32 SDPA runs the flash kernel whatever the backend",
             ),
         ),
     ],

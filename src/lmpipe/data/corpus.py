@@ -61,6 +61,12 @@ class DataConfig:
     """Fraction of each group's documents held out for validation."""
     test_fraction: Fraction = 0.05
     """Fraction of each group's documents held out for testing."""
+    engine: Literal["local", "dask"] = "local"
+    """Where the data stages run their batches: local (this machine) or dask (make setup-dask; a cluster)."""
+    workers: Annotated[int, Field(ge=0)] = 0
+    """Processes for engine=local, or for the LocalCluster engine=dask starts without an address; 0: one per core."""
+    engine_address: str = ""
+    """For engine=dask: a running Dask scheduler, e.g. tcp://host:8786; empty starts a local cluster per stage."""
 
     def __post_init__(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
@@ -71,6 +77,14 @@ class DataConfig:
         if self.source == "text" and not self.paths:
             raise LmpipeError(
                 "data.paths=[]: source 'text' needs at least one .txt/.jsonl file or glob pattern"
+            )
+        if self.engine == "dask":
+            from lmpipe.data.engine import require_dask
+
+            require_dask()
+        elif self.engine_address:
+            raise LmpipeError(
+                f"data.engine_address={self.engine_address!r} is set but data.engine='local': expected dask"
             )
 
 
