@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import field
 from typing import Annotated, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -179,15 +180,7 @@ def iter_corpus(
     `columns` picks columns (all of the file's when None; with the corpus dtypes when they are corpus columns).
     A truncated or foreign file, or one lacking columns, is a one-line error naming it.
     """
-    import pyarrow.parquet as pq
-
-    path = require_file(path, produced_by="prepare")
-    try:
-        file = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
-        raise LmpipeError(
-            f"{path}: not a readable parquet corpus ({type(e).__name__}); re-run prepare"
-        ) from None
+    file = _parquet_file(path)
     names = file.schema_arrow.names
     missing = [c for c in (columns or ()) if c not in names]
     if missing:
@@ -211,6 +204,40 @@ def iter_corpus(
         yield batch.to_pandas()[wanted].astype(dtypes)
     if empty:
         yield file.schema_arrow.empty_table().to_pandas()[wanted].astype(dtypes)
+
+
+def sample_corpus(
+    path: str | os.PathLike, max_chars: int, seed: int, columns: Sequence[str] = CORPUS_COLUMNS
+) -> pd.DataFrame:
+    """The corpus if its text holds at most `max_chars` characters (0: no limit), else a sample of its rows.
+
+    A row is kept when a seeded hash of (doc_id, position) falls below max_chars / total chars, so the sample
+    holds about `max_chars` characters whatever the corpus size, and the same rows on every run. Reads the
+    file twice, a record batch at a time (the first pass counts characters).
+    """
+    if max_chars:
+        total = sum(int(p["text"].str.len().sum()) for p in iter_corpus(path, columns=["text"]))
+    if not max_chars or total <= max_chars:
+        return read_corpus(path)[list(columns)]
+    threshold = np.uint64(max_chars / total * 2**64)
+    key = f"{seed:016d}"[-16:]  # hash_pandas_object's 16-character key
+    parts = []
+    for part in iter_corpus(path, columns=sorted({*columns, "doc_id", "position"}, key=CORPUS_COLUMNS.index)):
+        hashes = pd.util.hash_pandas_object(part[["doc_id", "position"]], index=False, hash_key=key)
+        parts.append(part[hashes.to_numpy() < threshold][list(columns)])
+    return pd.concat(parts, ignore_index=True)
+
+
+def _parquet_file(path: str | os.PathLike):
+    import pyarrow.parquet as pq
+
+    path = require_file(path, produced_by="prepare")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        raise LmpipeError(
+            f"{path}: not a readable parquet corpus ({type(e).__name__}); re-run prepare"
+        ) from None
 
 
 def documents_by_split(df: pd.DataFrame) -> dict[str, list[str]]:
