@@ -173,7 +173,7 @@ def read_corpus(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def iter_corpus(
-    path: str | os.PathLike, columns: Sequence[str] | None = CORPUS_COLUMNS, batch_rows: int = 65536
+    path: str | os.PathLike, columns: Sequence[str] | None = CORPUS_COLUMNS, batch_rows: int = 8192
 ) -> Iterator[pd.DataFrame]:
     """The corpus a record batch at a time (at most `batch_rows` rows), so a reader never holds it all.
 

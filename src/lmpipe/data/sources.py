@@ -403,6 +403,11 @@ def _to_frame(source: str, documents: Iterable[Document], max_docs: int) -> pd.D
     """Rows of the first `max_docs` documents (all when 0), positions numbered within each document."""
     if max_docs:
         documents = itertools.islice(documents, max_docs)
+    return pd.DataFrame(document_columns(source, documents)).astype(SOURCE_DTYPES)
+
+
+def document_columns(source: str, documents: Iterable[Document]) -> dict[str, list]:
+    """The rows of `documents` as `SOURCE_COLUMNS` lists, positions numbered 0..n-1 within each document."""
     columns: dict[str, list] = {name: [] for name in SOURCE_COLUMNS}
     for doc in documents:
         n = len(doc.texts)
@@ -414,4 +419,4 @@ def _to_frame(source: str, documents: Iterable[Document], max_docs: int) -> pd.D
         columns["book"] += [doc.book] * n
         columns["chapter"] += [doc.chapter] * n
         columns["verse"] += doc.verses if doc.verses is not None else [None] * n
-    return pd.DataFrame(columns).astype(SOURCE_DTYPES)
+    return columns

@@ -26,9 +26,9 @@ from lmpipe.data.cleaning import clean_text
 from lmpipe.data.corpus import CORPUS_COLUMNS, CORPUS_DTYPES, DataConfig, iter_corpus
 from lmpipe.data.dedup import HashSet, MinHasher, content_hashes
 from lmpipe.data.sources import (
-    SOURCE_COLUMNS,
     SOURCE_DTYPES,
     Document,
+    document_columns,
     kjv_documents,
     pydoc_documents,
     text_documents,
@@ -192,18 +192,8 @@ def _pick(values: list | None, mask: np.ndarray) -> list | None:
 
 def _frame(source: str, docs: list[Document], first_ordinal: int) -> pd.DataFrame:
     """Rows of `docs` with `SOURCE_COLUMNS` (positions 0..n-1 per document) plus their document ordinal."""
-    columns: dict[str, list] = {name: [] for name in (*SOURCE_COLUMNS, _DOC)}
-    for ordinal, doc in enumerate(docs, start=first_ordinal):
-        n = len(doc.texts)
-        columns["source"] += [source] * n
-        columns["doc_id"] += [doc.doc_id] * n
-        columns["group"] += [doc.group] * n
-        columns["position"] += range(n)
-        columns["text"] += doc.texts
-        columns["book"] += [doc.book] * n
-        columns["chapter"] += [doc.chapter] * n
-        columns["verse"] += doc.verses
-        columns[_DOC] += [ordinal] * n
+    columns = document_columns(source, docs)
+    columns[_DOC] = [ordinal for ordinal, doc in enumerate(docs, first_ordinal) for _ in doc.texts]
     return pd.DataFrame(columns).astype({**SOURCE_DTYPES, _DOC: "int64"})
 
 
