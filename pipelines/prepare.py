@@ -48,5 +48,6 @@ def main(cfg):
         tracking.log_metrics(stats, prefix="corpus")
         print(f"prepare: {stats['rows']} rows -> {out}")
 
+
 if __name__ == "__main__":
     raise SystemExit(run_stage("prepare", SECTIONS, main))
