@@ -68,6 +68,8 @@ class ValidationConfig:
     """Fewest distinct doc_ids each of train/val/test must hold."""
     sample_rows: Annotated[int, Field(ge=1)] = 50_000
     """Most rows Great Expectations sees; a larger corpus is checked on an evenly spaced sample plus exact counts."""
+    sample_chars: Annotated[int, Field(ge=1)] = 20_000_000
+    """Most characters of text Great Expectations sees (its memory follows them); beyond, a sample as above."""
 
     def __post_init__(self) -> None:
         if self.max_chars < self.min_chars:
@@ -207,10 +209,10 @@ def validate_corpus(df: pd.DataFrame, cfg: ValidationConfig | None = None) -> di
 def validate_file(path: str | os.PathLike, cfg: ValidationConfig | None = None) -> dict:
     """`validate_corpus` for a corpus file of any size, reading it a record batch at a time.
 
-    Up to `cfg.sample_rows` rows the whole corpus goes through Great Expectations (the same report as
-    `validate_corpus`). Beyond, GE checks an evenly spaced sample of about `sample_rows` rows, and the
-    expectations that are whole-corpus counts (nulls, repeated texts, rows and documents per split) are
-    replaced by exact counts made while streaming; the report then carries `sample_rows`.
+    Up to `cfg.sample_rows` rows and `cfg.sample_chars` characters the whole corpus goes through Great
+    Expectations (the same report as `validate_corpus`). Beyond, GE checks an evenly spaced sample within both
+    bounds, and the expectations that are whole-corpus counts (nulls, repeated texts, rows and documents per
+    split) are replaced by exact counts made while streaming; the report then carries `sample_rows`.
     """
     from lmpipe.data.corpus import iter_corpus, read_corpus
 
@@ -218,9 +220,9 @@ def validate_file(path: str | os.PathLike, cfg: ValidationConfig | None = None) 
     counts = _StreamCounts()
     for part in iter_corpus(path):
         counts.add(part)
-    if counts.rows <= cfg.sample_rows:
+    if counts.rows <= cfg.sample_rows and counts.chars <= cfg.sample_chars:
         return validate_corpus(read_corpus(path), cfg)
-    step = -(-counts.rows // cfg.sample_rows)
+    step = max(-(-counts.rows // cfg.sample_rows), -(-counts.chars // cfg.sample_chars))
     parts, start = [], 0
     for part in iter_corpus(path):
         parts.append(part.iloc[(-start) % step :: step])
@@ -243,7 +245,7 @@ class _StreamCounts:
     def __init__(self) -> None:
         from lmpipe.data.dedup import HashSet
 
-        self.rows, self.repeats, self.texts = 0, 0, HashSet()
+        self.rows, self.chars, self.repeats, self.texts = 0, 0, 0, HashSet()
         self.nulls = dict.fromkeys(REQUIRED_COLUMNS, 0)
         self.split_rows: dict[str, int] = {}
         self.split_docs: dict[str, int] = {}
@@ -256,6 +258,7 @@ class _StreamCounts:
         for column in REQUIRED_COLUMNS:
             self.nulls[column] += int(part[column].isna().sum())
         texts = part["text"].dropna()
+        self.chars += int(texts.str.len().sum())
         self.repeats += int((~self.texts.add(content_hashes(texts.tolist()))).sum())
         starts = part["doc_id"].ne(part["doc_id"].shift(fill_value=self.last_doc))
         for split, rows in part.groupby("split", sort=False, dropna=False):
