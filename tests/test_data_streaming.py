@@ -162,13 +162,13 @@ def test_prepare_stage_bad_input_keeps_previous_outputs(tmp_path):
         f"logger.tracking_uri=sqlite:///{tmp_path}/mlruns.db",
         f"logger.artifact_location={tmp_path}/mlartifacts",
     ]
-    good = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    good = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     before = (tmp_path / "prepared" / "corpus.parquet").read_bytes()
     with (tmp_path / "c.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"text": "z" * 3000}) + "\n")
     bad = subprocess.run(
-        [*args, "data.max_record_bytes=1000"], cwd=tmp_path, env=env, capture_output=True, text=True
+        [*args, "data.max_record_bytes=1000"], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert bad.returncode != 0
     assert "c.jsonl:301: line longer than data.max_record_bytes=1000" in bad.stderr
