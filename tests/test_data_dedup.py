@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmpipe.data.dedup import HashSet, MinHasher, _mulmod, content_hash, content_hashes
+from lmpipe.data.dedup import HashSet, MinHasher, content_hash, content_hashes
 
 
 def test_hash_set_keeps_first_occurrences_like_a_python_set():
@@ -25,16 +25,6 @@ def test_content_hash_is_stable_and_distinguishes_texts():
     assert content_hash("a\x00b") != content_hash("a\x00c")
     assert content_hashes(["x", "y", "x"]).dtype == np.uint64
     assert len(set(content_hashes([f"row {i}" for i in range(10_000)]).tolist())) == 10_000
-
-
-def test_mulmod_matches_python_integers():
-    p = (1 << 61) - 1
-    rng = np.random.default_rng(1)
-    a = rng.integers(0, p, size=(50, 1), dtype=np.uint64)
-    x = rng.integers(0, p, size=(1, 50), dtype=np.uint64)
-    got = _mulmod(a, x)
-    expected = [[(int(ai) * int(xj)) % p for xj in x[0]] for ai in a[:, 0]]
-    assert got.tolist() == expected
 
 
 @pytest.mark.parametrize("changed", [2, 20, 100])
