@@ -176,3 +176,25 @@ def test_prepare_stage_bad_input_keeps_previous_outputs(tmp_path):
     assert (tmp_path / "prepared" / "corpus.parquet").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["corpus.parquet", "stats.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
+
+
+def test_batches_go_through_map_ordered_with_the_engine_config(tmp_path, monkeypatch):
+    from lmpipe.data import engine
+
+    calls = []
+
+    def spy(fn, items, **kwargs):
+        calls.append(kwargs)
+        return map(fn, items)
+
+    monkeypatch.setattr(engine, "map_ordered", spy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    for workers, expected in [(3, 3), (0, 7)]:
+        cfg = DataConfig(source="kjv", books=["Ruth"], workers=workers, engine_address="tcp://x:8786")
+        streamed(cfg, tmp_path)
+        assert calls.pop() == {"engine": "local", "workers": expected, "address": "tcp://x:8786"}
+
+
+def test_two_worker_processes_give_the_in_memory_result(tmp_path):
+    cfg = DataConfig(source="kjv", books=["Ruth", "Jonah", "Jude"], dedup="row", batch_docs=2, workers=2)
+    assert_same_as_in_memory(cfg, tmp_path)
