@@ -211,13 +211,14 @@ def validate_file(path: str | os.PathLike, cfg: ValidationConfig | None = None) 
 
     Up to `cfg.sample_rows` rows and `cfg.sample_chars` characters the whole corpus goes through Great
     Expectations (the same report as `validate_corpus`). Beyond, GE checks an evenly spaced sample within both
-    bounds, and the expectations that are whole-corpus counts (nulls, repeated texts, rows and documents per
-    split) are replaced by exact counts made while streaming; the report then carries `sample_rows`.
+    bounds, and the expectations that are whole-corpus counts (nulls, repeated texts, text lengths, split values,
+    rows and documents per split) are replaced by exact counts made while streaming (only the column order and
+    the non-text share rest on the sample); the report then carries `sample_rows`.
     """
     from lmpipe.data.corpus import iter_corpus, read_corpus
 
     cfg = cfg or ValidationConfig()
-    counts = _StreamCounts()
+    counts = _StreamCounts(cfg)
     for part in iter_corpus(path):
         counts.add(part)
     if counts.rows <= cfg.sample_rows and counts.chars <= cfg.sample_chars:
@@ -240,12 +241,15 @@ def validate_file(path: str | os.PathLike, cfg: ValidationConfig | None = None) 
 
 
 class _StreamCounts:
-    """Whole-corpus counts made a batch at a time: rows, nulls, repeated texts (by 8-byte hash), per split."""
+    """Whole-corpus counts made a batch at a time: rows, nulls, repeated texts (by 8-byte hash), text lengths
+    out of bounds, split values out of the set, rows and documents per split."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: ValidationConfig) -> None:
         from lmpipe.data.dedup import HashSet
 
+        self.cfg = cfg
         self.rows, self.chars, self.repeats, self.texts = 0, 0, 0, HashSet()
+        self.bad_lengths, self.bad_splits = 0, 0
         self.nulls = dict.fromkeys(REQUIRED_COLUMNS, 0)
         self.split_rows: dict[str, int] = {}
         self.split_docs: dict[str, int] = {}
@@ -258,7 +262,11 @@ class _StreamCounts:
         for column in REQUIRED_COLUMNS:
             self.nulls[column] += int(part[column].isna().sum())
         texts = part["text"].dropna()
-        self.chars += int(texts.str.len().sum())
+        lengths = texts.str.len()
+        self.chars += int(lengths.sum())
+        self.bad_lengths += int(((lengths < self.cfg.min_chars) | (lengths > self.cfg.max_chars)).sum())
+        splits = part["split"].dropna()
+        self.bad_splits += int((~splits.isin(SPLITS)).sum())
         self.repeats += int((~self.texts.add(content_hashes(texts.tolist()))).sum())
         starts = part["doc_id"].ne(part["doc_id"].shift(fill_value=self.last_doc))
         for split, rows in part.groupby("split", sort=False, dropna=False):
@@ -283,6 +291,10 @@ def _exact(entry: dict, counts: _StreamCounts, cfg: ValidationConfig) -> None:
 
     if kind == "expect_column_values_to_not_be_null" and column in counts.nulls:
         unexpected(counts.nulls[column])
+    elif kind == "expect_column_value_lengths_to_be_between" and column == "text":
+        unexpected(counts.bad_lengths)
+    elif kind == "expect_column_values_to_be_in_set" and column == "split":
+        unexpected(counts.bad_splits)
     elif kind == "expect_column_values_to_be_null" and column == "repeat_of":
         unexpected(counts.repeats, 1.0 - cfg.max_duplicate_rate)
     elif kind == "expect_table_row_count_to_be_between" and split:
