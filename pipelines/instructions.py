@@ -15,7 +15,7 @@ SECTIONS = ("seed", "paths", "instructions", "logger")
 
 def main(cfg):
     from lmpipe import atomic
-    from lmpipe.data.corpus import CORPUS_FILE, read_corpus
+    from lmpipe.data.corpus import CORPUS_FILE, sample_corpus
     from lmpipe.data.instructions import (
         build_examples,
         build_mc,
@@ -27,7 +27,7 @@ def main(cfg):
     icfg = config.build(cfg.instructions)
     out = Path(cfg.paths.instructions)
     with tracking.stage_run("instructions", cfg, SECTIONS):
-        corpus = read_corpus(Path(cfg.paths.prepared) / CORPUS_FILE)
+        corpus = sample_corpus(Path(cfg.paths.prepared) / CORPUS_FILE, icfg.max_corpus_chars, cfg.seed)
         examples = build_examples(corpus, icfg, cfg.seed)
         if icfg.mc_jsonl:
             items = [

@@ -18,36 +18,35 @@ FAILED_REPORT_FILE = "data_validation.failed.json"
 
 
 def main(cfg):
-    from lmpipe.data.corpus import CORPUS_FILE, CORPUS_STATS_FILE, corpus_stats, prepare_corpus, write_corpus
-    from lmpipe.data.validate import raise_for_failures, validate_corpus
+    from lmpipe.data.corpus import CORPUS_FILE, CORPUS_STATS_FILE
+    from lmpipe.data.streaming import prepare_to_file
+    from lmpipe.data.validate import raise_for_failures, validate_file
 
     out = Path(cfg.paths.prepared)
     report_path = Path(cfg.paths.metrics) / REPORT_FILE
     failed_path = Path(cfg.paths.metrics) / FAILED_REPORT_FILE
     with tracking.stage_run("prepare", cfg, SECTIONS) as run:
-        corpus = prepare_corpus(config.build(cfg.data), seed=cfg.seed)
-        report = validate_corpus(corpus, config.build(cfg.validate))
-        # As 0/1: log_metrics skips booleans, and a failed validation is the value most worth recording.
-        tracking.log_metrics({"validation_success": int(report["success"])})
-        if not report["success"]:
-            # Not over the tracked report: DVC would see prepare's output changed, and `dvc metrics show`
-            # would present the rejected corpus as the current state.
-            atomic.write_json(failed_path, report)
-            if run is not None:
-                import mlflow
-
-                mlflow.log_artifact(str(failed_path))
-            raise_for_failures(report, report_path=str(failed_path))
-
-        stats = corpus_stats(corpus)
+        # Written into a temporary directory that replaces `out` only once everything passed.
         with atomic.atomic_path(out) as tmp:
             tmp.mkdir()
-            write_corpus(corpus, tmp / CORPUS_FILE)
+            stats = prepare_to_file(config.build(cfg.data), cfg.seed, tmp / CORPUS_FILE)
+            report = validate_file(tmp / CORPUS_FILE, config.build(cfg.validate))
+            # As 0/1: log_metrics skips booleans, and a failed validation is the value most worth recording.
+            tracking.log_metrics({"validation_success": int(report["success"])})
+            if not report["success"]:
+                # Not over the tracked report: DVC would see prepare's output changed, and `dvc metrics show`
+                # would present the rejected corpus as the current state.
+                atomic.write_json(failed_path, report)
+                if run is not None:
+                    import mlflow
+
+                    mlflow.log_artifact(str(failed_path))
+                raise_for_failures(report, report_path=str(failed_path))
             atomic.write_json(tmp / CORPUS_STATS_FILE, stats)
         atomic.write_json(report_path, report)
         failed_path.unlink(missing_ok=True)
         tracking.log_metrics(stats, prefix="corpus")
-        print(f"prepare: {len(corpus)} rows -> {out}")
+        print(f"prepare: {stats['rows']} rows -> {out}")
 
 
 if __name__ == "__main__":

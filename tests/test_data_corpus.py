@@ -261,3 +261,28 @@ def test_read_corpus_errors(tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(LmpipeError, match=r"junk\.parquet: not a readable parquet corpus"):
         read_corpus(tmp_path / "junk.parquet")
+
+
+def test_sample_corpus_is_bounded_and_seeded(tmp_path):
+    from lmpipe.data.corpus import sample_corpus
+    from lmpipe.data.streaming import prepare_to_file
+
+    path = tmp_path / "corpus.parquet"
+    prepare_to_file(DataConfig(source="kjv", books=["Genesis", "Ruth"], workers=1), 0, path)
+    whole = read_corpus(path)
+    chars = int(whole["text"].str.len().sum())
+    pd.testing.assert_frame_equal(sample_corpus(path, chars, seed=0), whole)
+    pd.testing.assert_frame_equal(sample_corpus(path, 0, seed=0), whole)
+    sample = sample_corpus(path, chars // 4, seed=0)
+    assert 0.15 < sample["text"].str.len().sum() / chars < 0.35
+    assert list(sample.columns) == list(CORPUS_COLUMNS)
+    # A subsequence of the corpus, in corpus order, the same for the same seed and different for another.
+    keys = whole["doc_id"] + ":" + whole["position"].astype(str)
+    picked = (sample["doc_id"] + ":" + sample["position"].astype(str)).tolist()
+    assert picked == [k for k in keys if k in set(picked)]
+    pd.testing.assert_frame_equal(sample_corpus(path, chars // 4, seed=0), sample)
+    assert not sample_corpus(path, chars // 4, seed=1).equals(sample)
+    assert list(sample_corpus(path, chars // 4, seed=0, columns=["text", "split"]).columns) == [
+        "text",
+        "split",
+    ]

@@ -353,3 +353,62 @@ def test_full_kjv_passes_the_stricter_kjv_config(kjv):
     cfg = ValidationConfig(max_chars=600, max_nontext_share=0.05, max_nontext_rows=0.0, min_docs_per_split=10)
     report = validate_corpus(kjv, cfg)
     assert report["success"], failed(report)
+
+
+def test_validate_file_matches_validate_corpus_up_to_the_sample_size(tmp_path):
+    from lmpipe.data.corpus import DataConfig, read_corpus
+    from lmpipe.data.streaming import prepare_to_file
+    from lmpipe.data.validate import validate_file
+
+    path = tmp_path / "corpus.parquet"
+    prepare_to_file(DataConfig(source="kjv", books=["Ruth", "Jonah"], workers=1), 0, path)
+    cfg = ValidationConfig(min_rows_per_split=5)
+    assert validate_file(path, cfg) == validate_corpus(read_corpus(path), cfg)
+
+
+def test_validate_file_beyond_the_sample_counts_the_whole_corpus(tmp_path):
+    from lmpipe.data.corpus import write_corpus
+    from lmpipe.data.validate import validate_file
+
+    # 400 rows whose second half repeats the first (198 repeats) and one over-long row: only a count over every row finds them all,
+    # not the 100-row sample GE sees.
+    texts = [f"Verse number {i} of the corpus." for i in range(200)]
+    df = pd.DataFrame(
+        {
+            "source": "text",
+            "doc_id": [f"d{i // 10}" for i in range(400)],
+            "group": "g",
+            "position": [i % 10 for i in range(400)],
+            "text": texts + texts[1:-1] + ["x" * 301, "unique tail"],
+            "split": ["train"] * 300 + ["val"] * 50 + ["test"] * 50,
+            "book": None,
+            "chapter": None,
+            "verse": None,
+        }
+    )
+    path = tmp_path / "corpus.parquet"
+    write_corpus(df.astype({"chapter": "Int64", "verse": "Int64"}), path)
+    cfg = ValidationConfig(
+        min_rows_per_split=50, min_docs_per_split=5, sample_rows=100, max_duplicate_rate=0.05, max_chars=300
+    )
+    report = validate_file(path, cfg)
+    assert report["n_rows"] == 400 and report["sample_rows"] == 100
+    assert report["split_counts"] == {"train": 300, "val": 50, "test": 50}
+    by_kind = {(e["expectation"], str(e["kwargs"].get("row_condition"))): e for e in report["expectations"]}
+    repeats = next(e for e in report["expectations"] if e["column"] == "repeat_of")
+    assert repeats["observed"]["unexpected_count"] == 198 and not repeats["success"]
+    lengths = next(
+        e for e in report["expectations"] if e["expectation"] == "expect_column_value_lengths_to_be_between"
+    )
+    # Row 398 is the only one too long, and the sample (every 4th row) does not hold it.
+    assert lengths["observed"]["unexpected_count"] == 1 and not lengths["success"]
+    rows = [e for (kind, _), e in by_kind.items() if kind == "expect_table_row_count_to_be_between"]
+    assert sorted(e["observed"] for e in rows) == [50, 50, 300] and all(e["success"] for e in rows)
+    docs = [e for (kind, _), e in by_kind.items() if kind == "expect_column_unique_value_count_to_be_between"]
+    assert sorted(e["observed"] for e in docs) == [5, 5, 30]
+    assert not report["success"]
+    with pytest.raises(
+        LmpipeError,
+        match=r"^data validation failed: expect_column_value_lengths_to_be_between\(text\) 1 of 400",
+    ):
+        raise_for_failures(report)

@@ -94,6 +94,8 @@ class InstructionConfig:
     """Texts with fewer words are skipped by the continue task (at least 2: both halves need a word)."""
     mc_jsonl: str = ""
     """Optional multiple-choice benchmark file in the MMLU JSONL format, used instead of the built one."""
+    max_corpus_chars: Count = 20_000_000
+    """Most corpus text read to build examples; a larger corpus is sampled by seeded row hash; 0 reads all."""
 
     def __post_init__(self) -> None:
         if not self.tasks and not self.jsonl:

