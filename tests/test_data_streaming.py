@@ -190,9 +190,11 @@ def test_batches_go_through_map_ordered_with_the_engine_config(tmp_path, monkeyp
     monkeypatch.setattr(engine, "map_ordered", spy)
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     for workers, expected in [(3, 3), (0, 7)]:
-        cfg = DataConfig(source="kjv", books=["Ruth"], workers=workers, engine_address="tcp://x:8786")
+        cfg = DataConfig(
+            source="kjv", books=["Ruth"], workers=workers, engine="dask", engine_address="tcp://x:8786"
+        )
         streamed(cfg, tmp_path)
-        assert calls.pop() == {"engine": "local", "workers": expected, "address": "tcp://x:8786"}
+        assert calls.pop() == {"engine": "dask", "workers": expected, "address": "tcp://x:8786"}
 
 
 def test_two_worker_processes_give_the_in_memory_result(tmp_path):

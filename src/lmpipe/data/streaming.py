@@ -224,7 +224,7 @@ def prepare_to_file(cfg: DataConfig, seed: int, path: str | os.PathLike) -> dict
     The caller writes `path` inside a temporary directory (`lmpipe.atomic.atomic_path`), so a failure
     leaves the previous corpus intact. Peak memory follows `data.batch_docs`, not the corpus size.
     """
-    from lmpipe.data.engine import map_ordered
+    from lmpipe.data.engine import map_ordered, resolve_workers
 
     path = Path(path)
     unsplit = path.with_name(path.name + ".unsplit")
@@ -243,7 +243,7 @@ def prepare_to_file(cfg: DataConfig, seed: int, path: str | os.PathLike) -> dict
     state = _Pass1(cfg)
     writer = _Writer(unsplit)
     try:
-        workers = cfg.workers or os.cpu_count() or 1
+        workers = resolve_workers(cfg.workers)
         for batch in map_ordered(
             clean_batch, tasks, engine=cfg.engine, workers=workers, address=cfg.engine_address
         ):
