@@ -16,7 +16,7 @@ def corpus(tmp_path_factory):
     return df, path
 
 
-@pytest.mark.parametrize("batch_rows", [7, 65_536])  # 7: documents span record batches
+@pytest.mark.parametrize("batch_rows", [7, 8192])  # 7: documents span record batches
 def test_streamed_documents_are_documents_by_split(corpus, monkeypatch, batch_rows):
     df, path = corpus
     monkeypatch.setattr("lmpipe.data.documents.BATCH_ROWS", batch_rows)

@@ -17,6 +17,7 @@ A shard directory holds one ``<split>.bin`` per split (the token ids back to bac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -231,12 +232,10 @@ def encode_documents_batch(
         texts.setdefault(split, []).append(text)
     out = {}
     for split, docs in texts.items():
-        encodings = tok.encode_batch(docs)
-        ids = np.fromiter(
-            (i for enc in encodings for i in (*enc.ids, eot)),
-            dtype=dtype,
-            count=sum(len(enc.ids) + 1 for enc in encodings),
-        )
+        lists = [enc.ids for enc in tok.encode_batch(docs)]
+        ends = np.cumsum([len(ids) for ids in lists])
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(ends[-1]))
+        ids = np.insert(flat, ends, eot)  # EOT after each document
         out[split] = (ids, len(docs), sum(len(doc.encode("utf-8")) for doc in docs))
     return out
 
