@@ -140,6 +140,7 @@ bench: setup  ## run the benchmarks in bench/, writing JSON to bench/results/ (i
 	  --threads $$t --out bench/results/inference-$${t}thread.json || exit 1; done
 	$(BIN)/python bench/serve.py $(if $(wildcard models/onnx/teacher-int8/model.onnx),,--random) \
 	  --out bench/results/serve.json
+	$(BIN)/python bench/data_scale.py --out bench/results/data_scale.json
 
 lock: setup  ## re-pin requirements.lock from the current .venv
 # requirements-dask.lock's packages stay out (after make setup-dask the venv holds them too).

@@ -207,3 +207,28 @@ def test_bad_inputs_raise_one_line_errors():
         KneserNeyLM().fit(np.array([0, 1, 2]), 2, vocab_size=5).nll(np.array([1]))
     with pytest.raises(LmpipeError, match="1-D integer"):
         KneserNeyLM().fit(np.zeros((2, 3), dtype=np.int64), 2, vocab_size=5)
+
+
+def test_chunked_scoring_equals_one_pass(monkeypatch):
+    train, test = markov_tokens(3000, 12, seed=1), markov_tokens(1000, 12, seed=2)
+    model = KneserNeyLM().fit(train, 3, 12)
+    whole_nats, whole_n = model.nll(test)
+    monkeypatch.setattr("lmpipe.evaluation.ngram.SCORE_CHUNK", 97)  # chunks that do not divide the array
+    nats, n = model.nll(test)
+    assert n == whole_n == 999
+    assert nats == pytest.approx(whole_nats, rel=1e-12)
+
+
+def test_spread_sample_is_bounded_and_spread():
+    from lmpipe.evaluation.ngram import spread_sample
+
+    tokens = np.arange(10_000)
+    assert spread_sample(tokens, 10_000) is tokens
+    sample = spread_sample(tokens, 640, slices=64)
+    assert len(sample) == 640
+    assert sample[0] == 0 and sample[-1] == 9_999  # first and last runs at the ends
+    runs = sample.reshape(64, 10)
+    assert (np.diff(runs, axis=1) == 1).all()  # contiguous runs
+    assert (np.diff(runs[:, 0]) > 100).all()  # spread over the whole array
+    with pytest.raises(LmpipeError, match="max_tokens=0"):
+        spread_sample(tokens, 0)

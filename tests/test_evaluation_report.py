@@ -43,7 +43,7 @@ def test_model_row_of_a_uniform_model_is_the_vocabulary_size(tiny_tokens):
 
 
 def test_ngram_baseline_scores_test_with_the_order_best_on_val(tiny_tokens):
-    row = ngram_baseline(tiny_tokens, [1, 2])
+    row = ngram_baseline(tiny_tokens, [1, 2], 10**9)
     assert set(row["val_ppl_by_order"]) == {"1", "2"}
     assert row["order"] == int(min(row["val_ppl_by_order"], key=lambda k: row["val_ppl_by_order"][k]))
     vocab = read_meta(tiny_tokens)["vocab_size"]
@@ -77,3 +77,16 @@ def test_markdown_table_rounds_for_reading_and_leaves_gaps_blank():
 def test_evaluate_config_errors_name_the_field(kwargs, message):
     with pytest.raises(LmpipeError, match=f"^{message}"):
         EvaluateConfig(**kwargs)
+
+
+def test_ngram_baseline_fits_a_bounded_sample_of_train(tiny_tokens):
+    from lmpipe.evaluation.ngram import spread_sample
+
+    full = ngram_baseline(tiny_tokens, [2], 10**9)
+    assert "train_tokens_fitted" not in full  # the whole split: the row as before the bound
+    row = ngram_baseline(tiny_tokens, [2], 640)
+    assert row["train_tokens_fitted"] == 640
+    vocab = read_meta(tiny_tokens)["vocab_size"]
+    sample = spread_sample(read_shard(tiny_tokens, "train"), 640)
+    nats, n = KneserNeyLM().fit(sample, 2, vocab).nll(read_shard(tiny_tokens, "test"))
+    assert row["test_ppl"] == pytest.approx(perplexity(nats, n)) != full["test_ppl"]

@@ -29,7 +29,7 @@ def test_language_modelling_only_gives_the_rows_the_report_and_the_samples(model
     )
     heard = []
     ev = evaluate_all(cfg, tiny_tokens, tmp_path / "no-instructions", seed=0, log=heard.append)
-    ngram = ngram_baseline(tiny_tokens, [2])
+    ngram = ngram_baseline(tiny_tokens, [2], 10**9)
     expected = model_row(load_variant(model_dir).lm, tiny_tokens, cfg.batch_size)
     assert ev.results["lm"] == {"test": expected, "kneser-ney 2-gram": ngram}
     assert ev.results["ppl_ratio_vs_ngram"]["test"] == pytest.approx(expected["test_ppl"] / ngram["test_ppl"])

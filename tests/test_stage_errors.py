@@ -156,6 +156,19 @@ def test_tokenize_without_prepared_corpus(workdir, outputs, tmp_path):
     assert snapshot(out) == before
 
 
+def test_tokenize_on_a_truncated_corpus(workdir, outputs):
+    # The sentinel corpus.parquet is a few bytes, not parquet: as a truncated file would be.
+    out, paths = outputs
+    (out / "data" / "tokens" / "train.bin").write_bytes(b"previous tokens")
+    before = snapshot(out)
+    proc = run_script(workdir, "tokenize_corpus.py", *paths)
+    line = error_line(proc, "tokenize")
+    corpus = out / "data" / "prepared" / "corpus.parquet"
+    assert line.startswith(f"tokenize: error: {corpus}: not a readable parquet corpus (")
+    assert line.endswith("); re-run prepare")
+    assert snapshot(out) == before
+
+
 def test_failed_expectation_keeps_the_tracked_report_and_the_corpus(workdir, outputs):
     from mlflow.tracking import MlflowClient
 

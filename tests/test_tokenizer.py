@@ -160,29 +160,30 @@ def test_token_dtype():
 
 def test_encode_documents_separates_with_eot(bpe):
     docs = ["first doc", "", "third\ndoc"]
-    ids = encode_documents(bpe, docs, show_progress=False)
+    ids = encode_documents(bpe, docs)
     expected = []
     for doc in docs:
         expected += bpe.encode(doc).ids + [0]
     assert ids.dtype == np.uint16
     assert ids.tolist() == expected
-    assert encode_documents(bpe, [], show_progress=False).tolist() == []
+    assert encode_documents(bpe, []).tolist() == []
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_documents_keep_their_edge_whitespace_between_separators(kind, bpe, char):
     tok = bpe if kind == "bpe" else char
     docs = ["  indented first line\n", "\n\nafter empty lines  \n\n", "def f():\n    return  1\n"]
-    ids = encode_documents(tok, docs, show_progress=False).tolist()
+    ids = encode_documents(tok, docs).tolist()
     eot = tok.token_to_id(EOT)
     ends = [i for i, token in enumerate(ids) if token == eot]
     decoded = [tok.decode(ids[start + 1 : end]) for start, end in zip([-1, *ends], ends, strict=False)]
     assert decoded == docs
 
 
-def test_encode_documents_spans_several_chunks(char):
-    docs = [f"doc {i}" for i in range(2500)]  # more than one encode_batch chunk
-    ids = encode_documents(char, iter(docs), show_progress=True)  # not a TTY under pytest: no bar
+def test_encode_documents_spans_several_chunks(char, monkeypatch):
+    monkeypatch.setattr("lmpipe.tokenizer.ENCODE_BATCH_CHARS", 1000)
+    docs = [f"doc {i}" for i in range(2500)]  # more than one encoding batch
+    ids = encode_documents(char, iter(docs))
     assert int((ids == 0).sum()) == 2500
     assert char.decode(ids[:5].tolist()) == "doc 0" and ids[5] == 0
 
@@ -209,7 +210,7 @@ def test_shards_round_trip(bpe, saved_bpe, tmp_path):
     assert meta == json.loads((out / "meta.json").read_text())
     for split, docs in [("train", train_docs), ("val", val_docs)]:
         shard = read_shard(out, split)
-        expected = encode_documents(bpe, docs, show_progress=False)
+        expected = encode_documents(bpe, docs)
         assert isinstance(shard, np.memmap) and shard.dtype == np.uint16
         np.testing.assert_array_equal(shard, expected)
         counts = meta["splits"][split]
@@ -260,3 +261,39 @@ def test_read_shard_detects_truncated_file(bpe, tmp_path):
     Path(out / "train.bin").write_bytes(data[:-2])
     with pytest.raises(LmpipeError, match="train.bin"):
         read_shard(out, "train")
+
+
+def test_parallel_encoding_writes_the_same_shards(bpe, tmp_path, monkeypatch):
+    from functools import partial
+
+    from lmpipe.data.engine import map_ordered
+    from lmpipe.tokenizer import write_token_shards
+
+    monkeypatch.setattr("lmpipe.tokenizer.ENCODE_BATCH_CHARS", 20_000)  # several batches per split
+    docs = [("train" if i % 5 else "val", text) for i, text in enumerate(TEXTS[:120])]
+    write_token_shards(tmp_path / "one", ["train", "val", "test"], iter(docs), bpe)
+    mapper = partial(map_ordered, workers=2)
+    meta = write_token_shards(tmp_path / "two", ["train", "val", "test"], iter(docs), bpe, mapper, False)
+    for name in ("meta.json", "tokenizer.json", "train.bin", "val.bin", "test.bin"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert meta["splits"]["test"] == {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
+    assert meta["splits"]["val"]["n_docs"] == sum(split == "val" for split, _ in docs) > 1
+
+
+def test_a_failing_worker_leaves_no_shard_directory(bpe, tmp_path):
+    from lmpipe.tokenizer import write_token_shards
+
+    def dying(fn, items):
+        yield fn(next(iter(items)))
+        raise LmpipeError("worker died on item 1")
+
+    with pytest.raises(LmpipeError, match="item 1"):
+        write_token_shards(tmp_path / "shards", ["train"], [("train", t) for t in TEXTS], bpe, dying)
+    assert os.listdir(tmp_path) == []  # neither the shards nor a temp dir that could pass for them
+
+
+def test_document_of_an_unknown_split_is_an_error(bpe, tmp_path):
+    from lmpipe.tokenizer import write_token_shards
+
+    with pytest.raises(LmpipeError, match="split 'dev'.*train, val"):
+        write_token_shards(tmp_path / "s", ["train", "val"], [("dev", "text")], bpe)

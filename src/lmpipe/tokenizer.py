@@ -17,10 +17,11 @@ A shard directory holds one ``<split>.bin`` per split (the token ids back to bac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,9 +49,9 @@ from lmpipe.formats import (  # noqa: F401
 )
 
 _BYTE_ALPHABET_SIZE = 256
-# Documents per encode_batch call: large enough for the Rust side to parallelise, small enough to keep
-# memory flat and the progress bar moving.
-_ENCODE_CHUNK_DOCS = 1024
+ENCODE_BATCH_CHARS = 1 << 20
+"""Characters of text per encoding batch: large enough for the Rust side (or a worker process) to amortise a
+call, small enough to keep memory flat and the progress bar moving."""
 
 
 @schema("tokenizer")
@@ -63,6 +64,8 @@ class TokenizerConfig:
     """BPE only: a pair must occur at least this often to be merged."""
     lowercase: bool = False
     """Lowercase all text before tokenizing (decode then returns lowercase text)."""
+    train_sample_chars: Annotated[int, Field(ge=0)] = 0
+    """Train on about this many characters of the train split, documents spread evenly over it; 0 = all of it."""
 
     def __post_init__(self) -> None:
         # BPE keeps the whole byte alphabet whatever vocab_size says, so a smaller maximum could not hold.
@@ -203,48 +206,66 @@ def _special_id(tok: Tokenizer, token: str) -> int:
     return token_id
 
 
-def _encoded_chunks(
-    tok: Tokenizer, docs: Iterable[str], show_progress: bool, desc: str
-) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Yield (ids with EOT after each document, number of documents, UTF-8 bytes of their text) per chunk."""
-    from tqdm.auto import tqdm
+_worker_tokenizers: dict[str, Tokenizer] = {}
+"""Per process: the tokenizer of each JSON string `encode_documents_batch` was given, parsed once."""
 
+
+def encode_documents_batch(
+    tok_json: str, batch: list[tuple[str, str]], rust_threads: bool = True
+) -> dict[str, tuple[np.ndarray, int, int]]:
+    """Encode (split, text) documents with the tokenizer `tok_json`; per split: (ids with EOT after each
+    document, documents, UTF-8 bytes of their text). Top-level and picklable, for `lmpipe.data.engine`.
+
+    `rust_threads` False keeps Hugging Face's encoder on one thread, for a process that is one of several
+    workers (their own Rust thread pools would only compete for the same cores).
+    """
+    if not rust_threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = _worker_tokenizers.get(tok_json)
+    if tok is None:
+        _worker_tokenizers.clear()
+        tok = _worker_tokenizers[tok_json] = Tokenizer.from_str(tok_json)
     eot = _special_id(tok, EOT)
     dtype = token_dtype(tok.get_vocab_size())
-    bar = tqdm(
-        total=len(docs) if hasattr(docs, "__len__") else None,
-        desc=desc,
-        unit="doc",
-        disable=not (show_progress and _stderr_is_tty()),
-    )
-    with bar:
-        chunk: list[str] = []
-        for doc in docs:
-            chunk.append(doc)
-            if len(chunk) == _ENCODE_CHUNK_DOCS:
-                yield _encode_chunk(tok, chunk, eot, dtype)
-                bar.update(len(chunk))
-                chunk = []
-        if chunk:
-            yield _encode_chunk(tok, chunk, eot, dtype)
-            bar.update(len(chunk))
+    texts: dict[str, list[str]] = {}
+    for split, text in batch:
+        texts.setdefault(split, []).append(text)
+    out = {}
+    for split, docs in texts.items():
+        lists = [enc.ids for enc in tok.encode_batch(docs)]
+        ends = np.cumsum([len(ids) for ids in lists])
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(ends[-1]))
+        ids = np.insert(flat, ends, eot)  # EOT after each document
+        out[split] = (ids, len(docs), sum(len(doc.encode("utf-8")) for doc in docs))
+    return out
 
 
-def _encode_chunk(tok: Tokenizer, chunk: list[str], eot: int, dtype: np.dtype) -> tuple[np.ndarray, int, int]:
-    ids: list[int] = []
-    for encoding in tok.encode_batch(chunk):
-        ids.extend(encoding.ids)
-        ids.append(eot)
-    n_bytes = sum(len(doc.encode("utf-8")) for doc in chunk)
-    return np.asarray(ids, dtype=dtype), len(chunk), n_bytes
-
-
-def encode_documents(tok: Tokenizer, docs: Iterable[str], show_progress: bool) -> np.ndarray:
-    """Encode `docs` into one flat id array, with the EOT id after every document."""
-    arrays = [ids for ids, _, _ in _encoded_chunks(tok, docs, show_progress, desc="encode")]
+def encode_documents(tok: Tokenizer, docs: Iterable[str]) -> np.ndarray:
+    """Encode `docs` into one flat id array, with the EOT id after every document (in this process)."""
+    tok_json = tok.to_str()
+    arrays = [encode_documents_batch(tok_json, batch)[""][0] for batch in _batched(("", doc) for doc in docs)]
     if not arrays:
         return np.zeros(0, dtype=token_dtype(tok.get_vocab_size()))
     return np.concatenate(arrays)
+
+
+def _batched(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    max_chars = ENCODE_BATCH_CHARS  # read at each call, so a test can make batches small
+    batch: list[tuple[str, str]] = []
+    size = 0
+    for item in docs:
+        batch.append(item)
+        size += len(item[1])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+Mapper = Callable[[Callable, Iterable], Iterable]
+"""`map`-like: apply a picklable function to each item and yield the results in input order
+(`lmpipe.data.engine.map_ordered` with its engine arguments bound; the builtin `map` runs in process)."""
 
 
 def write_shards(
@@ -253,15 +274,36 @@ def write_shards(
     tok: Tokenizer,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode each split to ``<split>.bin``, save the tokenizer as ``tokenizer.json`` (with its chat template in
-    ``tokenizer_config.json``) beside them and describe it all in ``meta.json``; return the meta dict.
+    """`write_token_shards` of each split's documents, encoded in this process."""
+    docs = ((split, doc) for split, split_docs in splits.items() for doc in split_docs)
+    return write_token_shards(out_dir, list(splits), docs, tok, show_progress=show_progress)
+
+
+def write_token_shards(
+    out_dir: str | os.PathLike,
+    split_names: Iterable[str],
+    docs: Iterable[tuple[str, str]],
+    tok: Tokenizer,
+    mapper: Mapper = map,
+    rust_threads: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Encode (split, text) documents to ``<split>.bin`` per split, in batches of about `ENCODE_BATCH_CHARS`
+    characters mapped by `mapper` and appended as they come back; save the tokenizer as ``tokenizer.json`` (with
+    its chat template in ``tokenizer_config.json``) beside them and describe it all in ``meta.json``; return the
+    meta dict. Every split named has a file, even if no document of it came.
 
     The whole directory is replaced atomically: if anything fails, the previous shards stay as they were, and
     shards never sit beside a tokenizer other than the one that encoded them.
     Per split, ``n_tokens`` counts the EOT separators too, while ``n_bytes`` is the UTF-8 size of the
     documents' own text (separators add 0 bytes): that is the denominator of bits-per-byte.
     """
-    for split in splits:
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    split_names = list(split_names)
+    for split in split_names:
         if not split or Path(split).name != split or split.startswith("."):
             raise LmpipeError(f"split name {split!r}: expected a plain file name such as train or val")
     vocab_size = tok.get_vocab_size()
@@ -272,23 +314,33 @@ def write_shards(
         "eot_id": _special_id(tok, EOT),
         "pad_id": _special_id(tok, PAD),
         "tokenizer_sha256": tokenizer_hash(tok),
-        "splits": {},
+        "splits": {split: {"n_tokens": 0, "n_docs": 0, "n_bytes": 0} for split in split_names},
     }
-    with atomic_path(out_dir) as tmp:
+    encode = partial(encode_documents_batch, tok.to_str(), rust_threads=rust_threads)
+    bar = tqdm(desc="encode", unit="B", unit_scale=True, disable=not (show_progress and _stderr_is_tty()))
+    with atomic_path(out_dir) as tmp, bar:
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER_FILE))
         # The chat template travels with the tokenizer, so every later stage formats prompts identically.
         write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config())
-        for split, docs in splits.items():
-            counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
-            # Stream chunk by chunk so a large split never sits in memory as one array.
-            with open(tmp / shard_file(split), "wb") as f:
-                for ids, n_docs, n_bytes in _encoded_chunks(tok, docs, show_progress, desc=split):
-                    f.write(ids.tobytes())
+        files = {split: open(tmp / shard_file(split), "wb") for split in split_names}  # noqa: SIM115
+        try:
+            # Batch by batch, in document order, so a large split never sits in memory.
+            for encoded in mapper(encode, _batched(docs)):
+                for split, (ids, n_docs, n_bytes) in encoded.items():
+                    if split not in files:
+                        raise LmpipeError(
+                            f"document of split {split!r}: expected one of {', '.join(split_names)}"
+                        )
+                    files[split].write(ids.tobytes())
+                    counts = meta["splits"][split]
                     counts["n_tokens"] += len(ids)
                     counts["n_docs"] += n_docs
                     counts["n_bytes"] += n_bytes
-            meta["splits"][split] = counts
+                    bar.update(n_bytes)
+        finally:
+            for f in files.values():
+                f.close()
         write_json(tmp / META_FILE, meta)
     return meta
 

@@ -32,6 +32,10 @@ from lmpipe.errors import LmpipeError
 KEY_BITS = 63
 """Bits available in a packed n-gram key: an int64 without its sign bit."""
 
+SCORE_CHUNK = 1 << 22
+"""Tokens scored per pass by `KneserNeyLM.nll`: longer arrays are scored chunk by chunk (each with the context
+its first tokens need), so scoring memory stays bounded whatever the split's length."""
+
 _FALLBACK_DISCOUNT = 0.5
 """Discount used when an order has no singletons (tiny data), where n1/(n1 + 2*n2) would be 0 and leave no
 probability mass for unseen tokens."""
@@ -206,8 +210,16 @@ class KneserNeyLM:
         """
         if len(tokens) < 2:
             raise LmpipeError(f"tokens: has {len(tokens)} tokens, expected at least 2 to score")
-        lp = self.logprobs(tokens)
-        return float(-lp[1:].sum()), len(lp) - 1
+        if len(tokens) <= SCORE_CHUNK:
+            lp = self.logprobs(tokens)
+            return float(-lp[1:].sum()), len(lp) - 1
+        self._check_fitted()
+        total = 0.0
+        for start in range(0, len(tokens), SCORE_CHUNK):
+            context = max(0, start - (self.order - 1))
+            lp = self.logprobs(tokens[context : start + SCORE_CHUNK])[start - context :]
+            total -= float(lp[1:].sum() if start == 0 else lp.sum())
+        return total, len(tokens) - 1
 
     def prob_table(self, context: Iterable[int]) -> np.ndarray:
         """Full distribution over the vocabulary after `context` (only its last order-1 tokens matter)."""
@@ -224,6 +236,19 @@ class KneserNeyLM:
             grams = (h_key << self._bits) | vocab
             p = _interpolate(self._tables[k - 1], np.full(self.vocab_size, h_key), grams, p)
         return p
+
+
+def spread_sample(tokens: np.ndarray, max_tokens: int, slices: int = 64) -> np.ndarray:
+    """`tokens` itself if it holds at most `max_tokens`, else `slices` contiguous runs of max_tokens // slices
+    tokens, evenly spaced over it and concatenated (of a memmap, only those pages are read)."""
+    if max_tokens < 1:
+        raise LmpipeError(f"max_tokens={max_tokens}: expected at least 1")
+    if len(tokens) <= max_tokens:
+        return tokens
+    slices = min(slices, max_tokens)
+    run = max_tokens // slices
+    starts = np.linspace(0, len(tokens) - run, slices).astype(np.int64)
+    return np.concatenate([np.asarray(tokens[s : s + run]) for s in starts])
 
 
 def select_order(

@@ -115,7 +115,9 @@ def evaluate_all(
     # `workers` processes, and nothing timed (speed, encoder latency) runs until they are done.
     workers, threads = _worker_layout(ecfg.workers, ecfg.threads)
     with _pool(workers, threads) as pool:
-        ngram_job = _submit(pool, ngram_baseline, tokens_dir, list(ecfg.ngram_orders))
+        ngram_job = _submit(
+            pool, ngram_baseline, tokens_dir, list(ecfg.ngram_orders), ecfg.ngram_train_tokens
+        )
         tfidf_job = None
         if tasks is not None and ecfg.tfidf:
             train = read_examples(instructions_dir, "train")
