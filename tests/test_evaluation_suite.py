@@ -50,8 +50,10 @@ def test_scoring_in_worker_processes_gives_what_scoring_in_process_gives(model_d
     inline = evaluate_all(EvaluateConfig(**common, workers=1), tiny_tokens, tmp_path, seed=0).results["lm"]
     pooled = evaluate_all(EvaluateConfig(**common, workers=2), tiny_tokens, tmp_path, seed=0).results["lm"]
     assert pooled.keys() == inline.keys()
-    for name, row in inline.items():  # a worker's torch runs on fewer threads: sums may differ in rounding
-        assert pooled[name] == {k: pytest.approx(v, rel=1e-9) for k, v in row.items()}
+    # A worker's torch runs on fewer threads, so sums round differently: 1.03e-9 apart in perplexity on an
+    # AVX2-only EPYC (1e-9 held on the AVX-512 machines); a scoring mistake would move it by far more than 1e-6.
+    for name, row in inline.items():
+        assert pooled[name] == {k: pytest.approx(v, rel=1e-6) for k, v in row.items()}
 
 
 def test_speed_is_measured_when_asked(model_dir, tiny_tokens, tmp_path):
