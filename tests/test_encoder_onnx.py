@@ -1,6 +1,7 @@
 """Tests for lmpipe.encoder.onnx: the classifier graph matches PyTorch in ONNX Runtime, batch and length dynamic."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +15,13 @@ from lmpipe.formats import ONNX_CONFIG_FILE, ONNX_FILE
 def exported(onnx_classifier):
     """(the tiny classifier, its ONNX directory): conftest's session-wide export."""
     return onnx_classifier
+
+
+def test_export_holds_no_path_of_the_checkout(exported):
+    # The exporter's stack traces named the source files' absolute paths: two clones gave different bytes.
+    _, onnx_dir = exported
+    data = (onnx_dir / ONNX_FILE).read_bytes()
+    assert b"stack_trace" not in data and str(Path(__file__).resolve().parents[1]).encode() not in data
 
 
 def test_export_matches_torch_on_other_shapes(exported):

@@ -134,6 +134,7 @@ def test_dynamo_graph_matches_torch_and_fused_graph_has_under_half_its_nodes(exp
     assert [i.name for i in fused.input] == [i.name for i in dynamo.input]
     assert [o.name for o in fused.output] == [o.name for o in dynamo.output]
     assert len(fused.node) * 2 < len(dynamo.node)  # 2 layers: the mask's dozen nodes weigh more than at 4
+    assert b"stack_trace" not in (tmp_path / "dynamo" / "model.onnx").read_bytes()  # no checkout paths
 
 
 def test_parity_failure_raises_and_leaves_the_previous_export_intact(exports, monkeypatch):

@@ -241,7 +241,30 @@ def _dynamo_graph(model: GPT, opset: int, config: dict):
             verbose=False,
         )
     # As a ModelProto with its weights inside: saved as it is, the program would write them to a side file.
-    return program.model_proto
+    return without_source_locations(program.model_proto)
+
+
+SOURCE_LOCATION_KEYS = ("pkg.torch.onnx.stack_trace",)
+"""Node metadata the dynamo exporter fills with the absolute paths of the traced source files."""
+
+
+def without_source_locations(proto):
+    """`proto` with the exporter's stack traces removed from every node (functions included), in place.
+
+    They hold the absolute path of the checkout, so the same model exported from two clones gave files of
+    different bytes (and DVC hashes): 647 bytes apart for the smoke encoder in /work/smoke-base against
+    /work/smoke-after."""
+    graphs = [proto.graph, *proto.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key not in SOURCE_LOCATION_KEYS]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            for attribute in node.attribute:  # the bodies of If and Loop nodes
+                graphs.extend([attribute.g] if attribute.HasField("g") else [])
+                graphs.extend(attribute.graphs)
+    return proto
 
 
 @contextlib.contextmanager

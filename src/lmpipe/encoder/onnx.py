@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +22,7 @@ from lmpipe import atomic
 from lmpipe.encoder.classifier import EncoderClassifier
 from lmpipe.encoder.outputs import write_classifier_dir
 from lmpipe.errors import LmpipeError
-from lmpipe.export import _quiet_exporter
+from lmpipe.export import _quiet_exporter, without_source_locations
 from lmpipe.formats import ENCODER_ONNX_DIR, ONNX_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE
 from lmpipe.training.sft_data import collate
 
@@ -86,7 +87,7 @@ def export_classifier(
                 opset_version=opset,
                 verbose=False,
             )
-        program.save(tmp / ONNX_FILE, external_data=False)
+        onnx.save(without_source_locations(program.model_proto), tmp / ONNX_FILE)
         classifier.tokenizer.save(tmp / TOKENIZER_FILE)
         session = ort.InferenceSession(str(tmp / ONNX_FILE), providers=["CPUExecutionProvider"])
         input_ids, mask = _batch(classifier, PARITY_TEXTS)
