@@ -131,7 +131,8 @@ def test_a_pool_worker_killed_from_outside_is_a_one_line_error():
                 os.kill(pid, signal.SIGKILL)
             seen.append(result)
     assert "\n" not in str(info.value)
-    assert seen == [0]
+    # Results the other process finished before the kill may still come back; never the whole map.
+    assert seen[0] == 0 and len(seen) < 20, seen
 
 
 @pytest.mark.parametrize("name", ["dask-local-cluster", "dask-scheduler"])

@@ -78,7 +78,7 @@ def map_ordered(
 
 
 def _ordered(
-    submit: Callable[[Any], Any],
+    submit: Callable[[int, Any], Any],
     result: Callable[[int, Any], Any],
     items: Iterable[Any],
     max_in_flight: int,
@@ -88,7 +88,7 @@ def _ordered(
     pending, and yield the oldest one's `result(index, future)` before taking the next. `pending` is the
     caller's, so that its cleanup can cancel what is left when the consumer stops early or an item fails."""
     for index, item in enumerate(items):
-        pending.append((index, submit(item)))
+        pending.append((index, submit(index, item)))
         if len(pending) >= max_in_flight:
             yield result(*pending.popleft())
     while pending:
@@ -101,22 +101,33 @@ def _pool_map(fn, items, workers: int, max_in_flight: int) -> Iterator[Any]:
 
     pending: deque[tuple[int, Any]] = deque()
 
+    def broken(index: int) -> LmpipeError:
+        # The pool cannot tell which task its dead process was running: name every item then in flight.
+        # `index` is the newest item when submitting fails, the oldest (already taken off) when a result does.
+        first = min(index, pending[0][0]) if pending else index
+        last = max(index, pending[-1][0]) if pending else index
+        items_ = f"item {first} was" if last == first else f"items {first}-{last} were"
+        return LmpipeError(
+            f"data.engine=local: a worker process died while {items_} in flight (killed by a "
+            f"signal, out of memory, or exited); the pool of {workers} processes is broken"
+        )
+
+    def submit(index: int, item):
+        try:
+            return pool.submit(fn, item)
+        except BrokenProcessPool:  # it broke while earlier items ran: submitting fails before their results
+            raise broken(index) from None
+
     def result(index: int, future):
         try:
             return future.result()
         except BrokenProcessPool:
-            # The pool cannot tell which task its dead process was running: name every item then in flight.
-            last = pending[-1][0] if pending else index
-            items_ = f"item {index} was" if last == index else f"items {index}-{last} were"
-            raise LmpipeError(
-                f"data.engine=local: a worker process died while {items_} in flight (killed by a "
-                f"signal, out of memory, or exited); the pool of {workers} processes is broken"
-            ) from None
+            raise broken(index) from None
 
     # spawn, not fork: the parent may hold threads (pyarrow, tokenizers) that a forked child would inherit locked.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        yield from _ordered(lambda item: pool.submit(fn, item), result, items, max_in_flight, pending)
+        yield from _ordered(submit, result, items, max_in_flight, pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -185,7 +196,7 @@ def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) 
         if max_in_flight is None:
             max_in_flight = 2 * max(workers, sum(client.nthreads().values()) if address else 0)
         # pure=False: equal items are still separate tasks (and their bytes are never hashed for a key).
-        submit = lambda item: client.submit(fn, item, pure=False)  # noqa: E731
+        submit = lambda _, item: client.submit(fn, item, pure=False)  # noqa: E731
         yield from _ordered(submit, result, items, max_in_flight, pending)
     finally:
         if pending and client.status == "running":
