@@ -75,9 +75,15 @@ def test_bf16_training_clips_gradients_with_the_fused_optimizer_too():
     fused, _ = fit_lit(0.0, perf=PerfConfig(optimizer_kernel="fused"), gradient_clip_val=0.05, **bf16)
     loop, _ = fit_lit(0.0, gradient_clip_val=0.05, **bf16)
     unclipped, _ = fit_lit(0.0, **bf16)
-    for a, b in zip(weights(fused), weights(loop), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert any(not torch.allclose(a, b) for a, b in zip(weights(loop), weights(unclipped), strict=True))
+
+    # The fused and the per-tensor AdamW round differently (3.6e-5 apart on an AVX2-only EPYC, where bf16 is
+    # emulated; 1e-5 elsewhere): what matters is that both clipped, i.e. they sit far closer to each other than
+    # to the unclipped run.
+    def gap(xs, ys):
+        return max(float((x - y).abs().max()) for x, y in zip(xs, ys, strict=True))
+
+    clipped_gap, clipping_effect = gap(weights(fused), weights(loop)), gap(weights(loop), weights(unclipped))
+    assert clipped_gap < 1e-4 and clipped_gap * 10 < clipping_effect, (clipped_gap, clipping_effect)
 
 
 @pytest.mark.slow
