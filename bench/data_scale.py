@@ -115,6 +115,7 @@ def measure(size_mb: float, work: Path, extra: list[str]) -> dict:
         f"logger.tracking_uri=sqlite:///{work / 'mlruns.db'}",
         f"logger.artifact_location={work / 'mlartifacts'}",
         f"instructions.mc_jsonl={mc}",
+        "instructions.tasks=[continue]",  # the label tasks need the KJV's books
         *extra,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_EXP"))}
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--overrides",
         nargs="*",
-        default=["instructions.tasks=[continue]"],
+        default=[],
         help="extra config overrides, each passed to the stages that read its section",
     )
     args = parser.parse_args(argv)
