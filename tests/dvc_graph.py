@@ -28,7 +28,6 @@ EXEMPT = {
     "src/lmpipe/tracking.py": "MLflow logging: runs, tags, params and metrics, never an output file",
     "src/lmpipe/errors.py": "the error type and its one-line message",
     "src/lmpipe/atomic.py": "writes outputs via a temporary path and a rename; the bytes are the caller's",
-    "src/lmpipe/data/engine.py": "runs a function over items where data.engine says; results and order are its",
 }
 # Config sections that are not DVC params of a stage: `paths` is interpolated into dvc.yaml itself (a changed
 # path is a changed dep or out) and `logger` only says where MLflow records.
