@@ -17,6 +17,7 @@ from lmpipe.formats import CLASSIFIER_INT8_DIR
 from lmpipe.inference.engine import OrtEngine
 from lmpipe.inference.sampling import GenerationParams
 from lmpipe.model import GPT, GPTConfig
+from lmpipe.stage import cpu_flags
 
 VOCAB, N_EMBD = 512, 128
 
@@ -146,9 +147,7 @@ def test_static_and_per_channel_quantization_agree_with_fp32(exported, tmp_path)
 
 
 def _has_vnni() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def test_quantize_errors_leave_the_destination_untouched(exported, dynamic, tmp_path):

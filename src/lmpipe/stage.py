@@ -68,15 +68,23 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 against 58 in fp32 on an AVX2-only AMD EPYC, where an AVX-512-BF16 one ran bf16 at 734 (../shared/NOTES.md)."""
 
 
+def cpu_flags(cpuinfo: Path = CPU_FLAGS_FILE) -> set[str]:
+    """The CPU's feature flags from Linux's /proc/cpuinfo (its first `flags` line); empty where there is none."""
+    if not cpuinfo.exists():
+        return set()
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def warn_if_bf16_is_emulated(name: str, trainer: DictConfig, cpuinfo: Path = CPU_FLAGS_FILE) -> bool:
     """Warn on stderr, once per stage, when a CPU stage trains in bf16 on a CPU without native bf16 (a run
     then takes hours where it should take minutes). Only Linux's /proc/cpuinfo is read; elsewhere nothing is said.
     Returns whether it warned."""
     precision = str(trainer.get("precision", ""))
-    if trainer.get("accelerator") != "cpu" or "bf16" not in precision or not cpuinfo.exists():
+    if trainer.get("accelerator") != "cpu" or "bf16" not in precision:
         return False
-    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split()
-    if not flags or any(flag in flags for flag in BF16_CPU_FLAGS):
+    flags = cpu_flags(cpuinfo)
+    if not flags or flags & set(BF16_CPU_FLAGS):
         return False
     print(
         f"{name}: warning: trainer.precision={precision} but this CPU has no native bf16 ({' or '.join(BF16_CPU_FLAGS)} "
