@@ -185,6 +185,37 @@ def test_a_scheduler_that_dies_mid_map_is_a_one_line_error(tmp_path):
     )
 
 
+def test_a_connection_reset_between_polls_is_a_one_line_error(monkeypatch):
+    """The race the kill above can hit: the client's gather finds the socket reset before its status changes."""
+    require_dask()
+    from distributed.comm import CommClosedError
+
+    class ResetFuture:
+        def result(self, timeout):
+            raise CommClosedError("in <TCP (closed) ConnectionPool.gather>: ConnectionResetError")
+
+    class RunningClient:
+        status = "running"
+
+        def submit(self, fn, item, pure):
+            return ResetFuture()
+
+        def cancel(self, futures):
+            raise CommClosedError("closed")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(engine_module, "_dask_client", lambda address, workers: (RunningClient(), None))
+    with pytest.raises(LmpipeError) as info:
+        list(map_ordered(square, [1, 2], engine="dask", address="tcp://127.0.0.1:1", max_in_flight=2))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "data.engine=dask: lost the Dask scheduler at tcp://127.0.0.1:1 while item 0 was in flight"
+    )
+
+
 def test_no_scheduler_at_the_address_is_a_one_line_error(monkeypatch):
     require_dask()
     monkeypatch.setattr(engine_module, "CONNECT_TIMEOUT_S", 2)

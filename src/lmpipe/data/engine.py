@@ -8,6 +8,7 @@ and write what comes back in order, so every engine gives the same bytes. Dask i
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections import deque
@@ -161,6 +162,7 @@ def _dask_client(address: str, workers: int):
 def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) -> Iterator[Any]:
     client, cluster = _dask_client(address, workers)
     from distributed import KilledWorker
+    from distributed.comm import CommClosedError
 
     where = f"the Dask scheduler at {address}" if address else f"a local Dask cluster of {workers} processes"
 
@@ -176,6 +178,10 @@ def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) 
                     f"data.engine=dask: item {index} was running on every worker that died under it on {where}, "
                     "until Dask gave up on it (allowed-failures; a worker process killed by a signal, out of "
                     "memory, or exited); see the workers' logs"
+                ) from None
+            except CommClosedError:
+                raise LmpipeError(
+                    f"data.engine=dask: lost {where} while item {index} was in flight (its connection closed)"
                 ) from None
             except CancelledError:
                 raise LmpipeError(
@@ -198,9 +204,14 @@ def _dask_map(fn, items, workers: int, address: str, max_in_flight: int | None) 
         # pure=False: equal items are still separate tasks (and their bytes are never hashed for a key).
         submit = lambda _, item: client.submit(fn, item, pure=False)  # noqa: E731
         yield from _ordered(submit, result, items, max_in_flight, pending)
+    except CommClosedError:
+        # The scheduler died between two polls: the client's next gather, submit or info call finds the socket
+        # reset before its own status says so.
+        raise LmpipeError(f"data.engine=dask: lost {where} (its connection closed)") from None
     finally:
         if pending and client.status == "running":
-            client.cancel([future for _, future in pending])
+            with contextlib.suppress(OSError):  # CommClosedError too: nothing to cancel on a dead scheduler
+                client.cancel([future for _, future in pending])
         client.close()
         if cluster is not None:
             cluster.close()
