@@ -72,11 +72,16 @@ queue: setup  ## run the DVC experiments queued with `dvc exp run --queue -S 'a=
 	@while $(BIN)/dvc queue status | grep -qE 'Queued|Running'; do sleep 5; done
 	$(BIN)/dvc queue status
 
-test: setup  ## run the whole test suite, end-to-end DVC runs included
-	$(BIN)/pytest -q
+# pytest-xdist: one worker per core; --dist loadscope keeps each module's tests (and its module-scoped fixtures,
+# such as an end-to-end smoke run) on one worker, so the two smoke-run modules run side by side.
+TEST_WORKERS ?= $(shell nproc)
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+test: setup  ## run the whole test suite, end-to-end DVC runs included (TEST_WORKERS=1: one process)
+	$(PYTEST)
 
 test-fast: setup  ## unit tests only (skips tests marked slow)
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 METHODS := full lora head
 compare-sft: setup  ## fine-tune with every sft.method and compare them (metrics/sft-compare/evaluate.md); OVERRIDES (e.g. experiment=smoke) go to sft.py and evaluate.py, so set only what both read

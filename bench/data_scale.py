@@ -132,7 +132,45 @@ def measure(size_mb: float, work: Path, extra: list[str]) -> dict:
         print(
             f"data_scale: {size_mb:g} MB {stage}: {seconds:.1f} s, {peak / 1e6:.0f} MB RSS", file=sys.stderr
         )
-    return {"size_mb": round(text_bytes / 1e6, 3), "stages": stages}
+    return {"size_mb": round(text_bytes / 1e6, 3), "stages": stages, "encode": measure_encoding(work)}
+
+
+def measure_encoding(work: Path) -> dict:
+    """Encoding alone (tokenizer training apart): the train split re-encoded with the tokenizer the stage
+    trained, by Hugging Face's encoder and by its exact tiktoken twin (lmpipe.fast_bpe), on 1 and 2 worker
+    processes; MB/s of train text and whether train.bin came out byte for byte as the stage wrote it."""
+    import hashlib
+    from functools import partial
+
+    from lmpipe.data.corpus import CORPUS_FILE
+    from lmpipe.data.documents import split_documents
+    from lmpipe.data.engine import map_ordered
+    from lmpipe.formats import TOKENIZER_FILE, shard_file
+    from lmpipe.tokenizer import load_tokenizer, read_meta, write_token_shards
+
+    tokens = work / "tokens"
+    tok = load_tokenizer(tokens / TOKENIZER_FILE)
+    train_bytes = read_meta(tokens)["splits"]["train"]["n_bytes"]
+    expected = hashlib.sha256((tokens / shard_file("train")).read_bytes()).hexdigest()
+    results = {}
+    for encoder, fast in (("huggingface", False), ("tiktoken", True)):
+        for workers in (1, 2):
+            out = work / f"encode-{encoder}-{workers}"
+            docs = (("train", text) for text in split_documents(work / "prepared" / CORPUS_FILE, "train"))
+            mapper = partial(map_ordered, engine="local", workers=workers)
+            start = time.perf_counter()
+            write_token_shards(out, ["train"], docs, tok, mapper, rust_threads=False, fast_bpe=fast)
+            seconds = time.perf_counter() - start
+            results[f"{encoder}_{workers}_workers"] = {
+                "seconds": round(seconds, 3),
+                "mb_per_s": round(train_bytes / 1e6 / seconds, 3),
+                "same_ids": hashlib.sha256((out / shard_file("train")).read_bytes()).hexdigest() == expected,
+            }
+    results["tiktoken_over_huggingface_2_workers"] = round(
+        results["tiktoken_2_workers"]["mb_per_s"] / results["huggingface_2_workers"]["mb_per_s"], 2
+    )
+    print(f"data_scale: encode {json.dumps(results)}", file=sys.stderr)
+    return results
 
 
 def _section(override: str) -> str:

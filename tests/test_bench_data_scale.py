@@ -38,6 +38,11 @@ def test_tiny_run_reports_every_stage(tmp_path):
     for numbers in run["stages"].values():
         assert set(numbers) == {"seconds", "mb_per_s", "peak_rss_mb"}
         assert all(value > 0 for value in numbers.values())
+    encode = run["encode"]
+    for encoder in ("huggingface", "tiktoken"):
+        for workers in (1, 2):
+            numbers = encode[f"{encoder}_{workers}_workers"]
+            assert numbers["same_ids"] is True and numbers["mb_per_s"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["results"]  # corpora and outputs removed
 
 
