@@ -2,7 +2,8 @@
 
 `tokenizers` encodes a byte-level BPE at about 2-3 MB/s per core; tiktoken runs the same regex pre-split and
 merges by rank at about 10-15 MB/s (bench/data_scale.py). The two algorithms differ, so `fast_encoder` hands
-over a tokenizer only when they provably give the same ids for every text:
+over a tokenizer only when it passes the checks under which they give the same ids (the reason is given with
+each; tests/test_fast_bpe.py also compares the two on every corpus lmpipe ships and on adversarial text):
 
 - Hugging Face merges an adjacent pair when (left, right) is a merge rule, lowest rule first; tiktoken merges
   an adjacent pair when left+right is a vocabulary token, lowest token id first. They pick the same pair at
@@ -16,7 +17,7 @@ over a tokenizer only when they provably give the same ids for every text:
   dropout or subword affixes. Special tokens written in a text are split out whole by both.
 
 Anything else (the char tokenizer, `tokenizer.lowercase`, a tokenizer edited by hand) returns None, and the
-caller keeps Hugging Face's encoder. tests/test_fast_bpe.py compares the two on every corpus lmpipe ships.
+caller keeps Hugging Face's encoder.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def _tokens_merge_to_themselves(tokenizer, vocab: dict[str, int]) -> bool:
 
 
 def fast_encoder(tokenizer):
-    """A tiktoken `Encoding` that gives `tokenizer`'s ids for every text (its `encode(text,
-    allowed_special="all")`), or None when that cannot be guaranteed (see the module docstring)."""
+    """A tiktoken `Encoding` that gives `tokenizer`'s ids (its `encode(text, allowed_special="all")`), or None
+    when the tokenizer fails a check under which the two agree (see the module docstring)."""
     spec = json.loads(tokenizer.to_str())
     if not _is_plain_byte_level_bpe(spec):
         return None
